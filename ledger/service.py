@@ -1,0 +1,259 @@
+"""The Jobs application service: every write is load → check → fold → append, retried on a lost race.
+
+Each command reads the job's current state, checks who may do it (``ledger.access``), builds one event and
+folds it onto the state with the same pure ``apply`` the projection uses (which refuses illegal
+transitions), then appends the event and the new read-model row in one statement. If another writer
+appended first, PostgreSQL's unique key says so, and the command is decided again on fresh state: two
+dispatchers locking one job get exactly one success and one ``Invalid``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any, Final
+
+from ledger.access import Action, Caller, authorize, can_read, reads_everything
+from ledger.errors import Invalid, NotFound, PreconditionFailed
+from ledger.hashing import GENESIS_HASH, digest_parameters
+from ledger.store import EventStore, JobRecord, StaleVersion, SubmitIdTaken
+from projections.job import (
+    Cancelled,
+    Event,
+    Finished,
+    IllegalTransition,
+    Job,
+    Locked,
+    Recorded,
+    Reused,
+    Started,
+    Submitted,
+    Unlocked,
+    Updated,
+    apply,
+)
+from projections.timefmt import now_ts
+
+MAX_ATTEMPTS: Final = 25
+_ALPHABET: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+class Contention(Exception):
+    """A job kept changing under a command for ``MAX_ATTEMPTS`` tries; the client should retry later."""
+
+
+def new_uuid(prefix: str, infix: str) -> str:
+    """A fresh ``PPPPP-TTTTT-RRRRRRRRRRRRRRR`` identifier."""
+    return f"{prefix}-{infix}-{''.join(secrets.choice(_ALPHABET) for _ in range(15))}"
+
+
+def _recorded(caller: Caller, job_uuid: str, version: int, event: Event, not_before: str | None) -> Recorded:
+    moment = now_ts()
+    # A job's event times never go backwards (the database checks it too); clocks of several service
+    # processes may disagree by a little, so never stamp an event earlier than the job's last one.
+    if not_before is not None and moment < not_before:
+        moment = not_before
+    return Recorded(
+        job_uuid=job_uuid,
+        version=version,
+        event=event,
+        actor_user_uuid=caller.user_uuid,
+        actor_client_uuid=caller.api_client_uuid,
+        request_id=caller.request_id,
+        recorded_at=moment,
+    )
+
+
+def _fold_one(record: JobRecord | None, rec: Recorded) -> Job:
+    try:
+        return apply(None if record is None else record.job, rec)
+    except IllegalTransition as exc:
+        raise Invalid(exc.message, rule=exc.rule) from None
+
+
+class JobService:
+    """Commands and reads on jobs, for one authenticated caller at a time."""
+
+    def __init__(self, store: EventStore, uuid_prefix: str = "zzzzz") -> None:
+        self.store = store
+        self.uuid_prefix = uuid_prefix
+
+    # ---- reads -------------------------------------------------------------------------------------------
+    async def get(self, caller: Caller, job_uuid: str) -> Job:
+        """The job's current state; ``NotFound`` if it does not exist or the caller may not read it."""
+        record = await self.store.get_job(job_uuid)
+        if record is None or not can_read(caller, record.job):
+            raise NotFound("Path not found")
+        return record.job
+
+    # ---- create ------------------------------------------------------------------------------------------
+    async def create(
+        self,
+        caller: Caller,
+        *,
+        script_name: str,
+        script_version: str,
+        script_parameters: dict[str, Any],
+        priority: int = 0,
+        resource_limits: dict[str, int] | None = None,
+        submit_id: str | None = None,
+        reuse: bool = True,
+    ) -> tuple[Job, bool]:
+        """Submit a job. Returns ``(job, created)``: ``created`` is False when an existing job is returned.
+
+        With ``submit_id``, a retry of the same submission returns the original job and appends nothing; the
+        same ``submit_id`` with different attributes is ``Invalid``. With ``reuse`` (the default: CONTRACT §4
+        ``allow_duplicate`` false), an identical unfailed job the caller can read is returned instead, with a
+        ``reused`` event appended to it.
+        """
+        authorize(caller, "create")
+        submitted = Submitted(
+            owner_uuid=caller.user_uuid,
+            script_name=script_name,
+            script_version=script_version,
+            script_parameters=script_parameters,
+            priority=priority,
+            resource_limits=dict(resource_limits or {}),
+            submit_id=submit_id,
+        )
+        for _ in range(MAX_ATTEMPTS):
+            if submit_id is not None:
+                existing = await self.store.get_job_by_submit_id(caller.user_uuid, submit_id)
+                if existing is not None:
+                    first = (await self.store.load_events(existing.job.uuid, up_to_version=1))[0]
+                    _check_same_submission(existing.job.uuid, first.to_recorded().event, submitted)
+                    return existing.job, False
+            if reuse:
+                candidate = await self._find_reusable(caller, submitted)
+                if candidate is not None:
+                    try:
+                        job = await self._append(caller, candidate, Reused(submit_id=submit_id))
+                    except StaleVersion:
+                        continue
+                    return job, False
+            job_uuid = new_uuid(self.uuid_prefix, "8i9sb")
+            rec = _recorded(caller, job_uuid, 1, submitted, None)
+            job = _fold_one(None, rec)
+            try:
+                await self.store.append(job_uuid, 0, GENESIS_HASH, [rec], job)
+            except SubmitIdTaken:
+                continue  # a concurrent retry of this submission won; return its job on the next pass
+            return job, True
+        raise Contention("the submission kept conflicting with concurrent ones")
+
+    async def _find_reusable(self, caller: Caller, submitted: Submitted) -> JobRecord | None:
+        candidates = await self.store.find_identical(
+            script_name=submitted.script_name,
+            parameters_digest=digest_parameters(submitted.script_parameters),
+            script_version=submitted.script_version,
+            owner_uuid=caller.user_uuid,
+            readable_by_all=reads_everything(caller),
+        )
+        # Digests can collide in principle; identity is deep equality of the parameters.
+        candidates = [c for c in candidates if c.job.script_parameters == submitted.script_parameters]
+        complete = [c for c in candidates if c.job.state == "Complete"]
+        # As Arvados did: if finished candidates disagree about the output, trust none of them.
+        if complete and len({c.job.output for c in complete}) == 1:
+            return complete[0]
+        unfinished = [c for c in candidates if c.job.state in ("Running", "Queued")]
+        unfinished.sort(key=lambda c: (c.job.state != "Running", c.job.created_at))
+        return unfinished[0] if unfinished else None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+    async def update(self, caller: Caller, job_uuid: str, changes: dict[str, Any], if_match: str | None = None) -> Job:
+        """Change client-settable attributes (``Updated`` fields) of a Queued, unlocked job."""
+        event = Updated(**changes)
+        return await self._command(caller, job_uuid, "update", lambda job: event, if_match)
+
+    async def lock(self, caller: Caller, job_uuid: str, if_match: str | None = None) -> Job:
+        """Claim a Queued, unlocked job for the calling dispatcher."""
+        return await self._command(caller, job_uuid, "lock", lambda job: Locked(), if_match)
+
+    async def unlock(self, caller: Caller, job_uuid: str, if_match: str | None = None) -> Job:
+        """Release a lock before the job starts: the holder, or an admin."""
+
+        def decide(job: Job) -> Event:
+            if caller.role != "admin" and job.is_locked_by not in (None, caller.user_uuid):
+                raise Invalid(f"job {job.uuid} is locked by {job.is_locked_by}", rule="unlock-by-lock-holder")
+            return Unlocked()
+
+        return await self._command(caller, job_uuid, "unlock", decide, if_match)
+
+    async def start(
+        self, caller: Caller, job_uuid: str, script_version: str | None = None, if_match: str | None = None
+    ) -> Job:
+        """The lock holder starts the job, supplying the resolved commit if the job names a branch or tag."""
+        return await self._command(
+            caller, job_uuid, "start", lambda job: Started(script_version=script_version), if_match
+        )
+
+    async def cancel(self, caller: Caller, job_uuid: str, if_match: str | None = None) -> Job:
+        """Cancel a Queued or Running job. Cancelling a cancelled job changes nothing and succeeds."""
+
+        def decide(job: Job) -> Event | None:
+            return None if job.state == "Cancelled" else Cancelled()
+
+        return await self._command(caller, job_uuid, "cancel", decide, if_match)
+
+    async def finish(
+        self,
+        caller: Caller,
+        job_uuid: str,
+        *,
+        success: bool,
+        output: str | None = None,
+        log: str | None = None,
+        if_match: str | None = None,
+    ) -> Job:
+        """The lock holder records how a started job ended (also after a cancel: the state stays Cancelled)."""
+        event = Finished(success=success, output=output, log=log)
+        return await self._command(caller, job_uuid, "finish", lambda job: event, if_match)
+
+    # ---- the write loop ----------------------------------------------------------------------------------
+    async def _command(
+        self,
+        caller: Caller,
+        job_uuid: str,
+        action: Action,
+        decide: Callable[[Job], Event | None],
+        if_match: str | None,
+    ) -> Job:
+        authorize(caller, action)
+        for _ in range(MAX_ATTEMPTS):
+            record = await self.store.get_job(job_uuid)
+            if record is None or not can_read(caller, record.job):
+                raise NotFound("Path not found")
+            authorize(caller, action, record.job)
+            if if_match is not None and if_match.strip('"') != record.job.etag:
+                raise PreconditionFailed(f"If-Match {if_match} does not match the job's etag {record.job.etag}")
+            event = decide(record.job)
+            if event is None:
+                return record.job
+            try:
+                return await self._append(caller, record, event)
+            except StaleVersion:
+                continue
+        raise Contention(f"job {job_uuid} kept changing; try again")
+
+    async def _append(self, caller: Caller, record: JobRecord, event: Event) -> Job:
+        job = record.job
+        rec = _recorded(caller, job.uuid, job.version + 1, event, record.last_recorded_at)
+        new_job = _fold_one(record, rec)
+        await self.store.append(job.uuid, job.version, record.last_hash, [rec], new_job)
+        return new_job
+
+
+def _check_same_submission(job_uuid: str, original: Event, submitted: Submitted) -> None:
+    # A retry must repeat the original submission, whatever updates the job has had since.
+    assert isinstance(original, Submitted)
+    mismatched = [
+        name
+        for name in ("script_name", "script_version", "script_parameters", "priority", "resource_limits")
+        if getattr(original, name) != getattr(submitted, name)
+    ]
+    if mismatched:
+        raise Invalid(
+            f"submit_id {submitted.submit_id!r} was already used for job {job_uuid} with different "
+            f"{', '.join(mismatched)}",
+            rule="submit-id-unique",
+        )
