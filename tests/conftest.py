@@ -22,6 +22,7 @@ from ledger.config import Settings
 from ledger.database import apply_schema, create_pool
 from ledger.embedded import EmbeddedPostgres
 from ledger.store import EventStore
+from tests.harness import ServiceHarness, start_service, stop_service
 
 _counter = itertools.count()
 
@@ -101,3 +102,18 @@ async def pool(database_dsn: str, settings: Settings) -> AsyncIterator[asyncpg.P
 def store(pool: asyncpg.Pool) -> EventStore:
     """An event store on the test's database."""
     return EventStore(pool)
+
+
+@pytest.fixture
+async def service(database_dsn: str, settings: Settings) -> AsyncIterator[ServiceHarness]:
+    """The real service on a loopback port and this test's database; after the test, the read model must
+    still equal a replay of the events."""
+    from ledger.rebuild import check_read_model  # the module under test elsewhere; imported late on purpose
+
+    harness = await start_service(settings, database_dsn)
+    try:
+        yield harness
+        difference = await check_read_model(harness.pool)
+        assert difference is None, f"read model differs from a replay after the test: {difference}"
+    finally:
+        await stop_service(harness)

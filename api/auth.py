@@ -1,0 +1,77 @@
+"""Authentication: the token in ``Authorization: Bearer|OAuth2 <t>`` or ``?api_token=`` → a ``Caller``.
+
+Lookups are cached for a couple of seconds (by the token's digest, never the token), so a busy client does
+not cost a query per request; expiry is still checked against the clock on every request.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Final
+
+import asyncpg
+from aiohttp import web
+
+from api.errors import REQUEST_ID, ApiError
+from ledger.access import Caller
+from ledger.users import TokenInfo, lookup_token, token_digest
+
+CACHE_SECONDS: Final = 2.0
+_CACHE_LIMIT: Final = 10_000
+
+
+def presented_token(request: web.Request) -> str | None:
+    """The token the request carries, if any."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() in ("bearer", "oauth2") and value.strip():
+        return value.strip()
+    return request.query.get("api_token") or None
+
+
+class Authenticator:
+    """Resolves tokens to callers, with a short-lived cache."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._cache: dict[bytes, tuple[float, TokenInfo | None]] = {}
+
+    async def _info(self, token: str) -> TokenInfo | None:
+        key = token_digest(token)
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < CACHE_SECONDS:
+            return hit[1]
+        info = await lookup_token(self.pool, token)
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[key] = (now, info)
+        return info
+
+    async def caller(self, request: web.Request) -> Caller:
+        """The authenticated caller, or ``ApiError(401)``."""
+        token = presented_token(request)
+        if token is None:
+            raise ApiError(401, "Not logged in")
+        info = await self._info(token)
+        if info is None:
+            raise ApiError(401, "Not logged in: unknown token")
+        if info.expires_at is not None and info.expires_at <= datetime.now(UTC):
+            raise ApiError(401, "Not logged in: token expired")
+        return Caller(
+            user_uuid=info.user_uuid,
+            role=info.role,
+            api_client_uuid=info.api_client_uuid,
+            token_uuid=info.token_uuid,
+            read_only=info.read_only,
+            request_id=request.get(REQUEST_ID, ""),
+        )
+
+
+AUTHENTICATOR: Final = web.AppKey("authenticator", Authenticator)
+
+
+async def authenticate(request: web.Request) -> Caller:
+    """The request's caller (401 if none)."""
+    return await request.app[AUTHENTICATOR].caller(request)

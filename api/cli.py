@@ -1,0 +1,197 @@
+"""The ``jobledger`` command: serve the API, rebuild the read model, manage users and tokens."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+
+import msgspec
+
+from ledger.access import ROLES
+from ledger.config import Settings
+from ledger.database import apply_schema, create_pool
+from ledger.embedded import EmbeddedPostgres
+
+
+@contextlib.contextmanager
+def database_url(settings: Settings) -> Iterator[str]:
+    """``DATABASE_URL`` if given; otherwise the embedded PostgreSQL, started for the duration."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    server = EmbeddedPostgres(settings.data_dir)
+    dsn = server.start()
+    try:
+        yield dsn
+    finally:
+        server.stop()
+
+
+def _print_json(value: object) -> None:
+    def default(obj: object) -> object:
+        if isinstance(obj, datetime):
+            return obj.isoformat()
+        raise TypeError(type(obj).__name__)
+
+    sys.stdout.write(msgspec.json.encode(value, enc_hook=default).decode() + "\n")
+
+
+async def _with_pool(settings: Settings, dsn: str):  # type: ignore[no-untyped-def]
+    pool = await create_pool(dsn, settings, min_size=1, max_size=4)
+    async with pool.acquire() as conn:
+        await apply_schema(conn)
+    return pool
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the HTTP service until interrupted."""
+    from aiohttp import web
+
+    from api.app import create_app
+
+    ssl_context = None
+    if args.tls_cert or args.tls_key:
+        import ssl
+
+        if not (args.tls_cert and args.tls_key):
+            print("jobledger: --tls-cert and --tls-key go together", file=sys.stderr)
+            return 2
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+    with database_url(settings) as dsn:
+        app = create_app(settings, dsn)
+        web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None)
+    return 0
+
+
+def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    """Re-fold the read model from the events, or (--check) compare it with a replay."""
+    from ledger.rebuild import check_read_model, rebuild_read_model
+
+    async def run() -> int:
+        with database_url(settings) as dsn:
+            pool = await _with_pool(settings, dsn)
+            try:
+                if args.check:
+                    difference = await check_read_model(pool)
+                    if difference is not None:
+                        print(f"read model differs from a replay: {difference}", file=sys.stderr)
+                        return 1
+                    print("read model equals a replay of the events")
+                    return 0
+                report = await rebuild_read_model(pool)
+                _print_json(report)
+                return 0
+            finally:
+                await pool.close()
+
+    return asyncio.run(run())
+
+
+def cmd_user_create(args: argparse.Namespace, settings: Settings) -> int:
+    """Create a user and print it as JSON."""
+    from ledger.users import UserExists, create_user
+
+    async def run() -> int:
+        with database_url(settings) as dsn:
+            pool = await _with_pool(settings, dsn)
+            try:
+                user = await create_user(pool, args.name, args.role, settings.uuid_prefix)
+            except UserExists as exc:
+                print(f"jobledger: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                await pool.close()
+        _print_json({"uuid": user.uuid, "name": user.name, "role": user.role})
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
+    """Issue a token and print it (the only time the secret is shown)."""
+    from ledger.users import UnknownUser, create_token
+
+    async def run() -> int:
+        with database_url(settings) as dsn:
+            pool = await _with_pool(settings, dsn)
+            try:
+                issued = await create_token(
+                    pool,
+                    args.user,
+                    settings.uuid_prefix,
+                    read_only=args.read_only,
+                    expires_in=args.expires_in,
+                    client_name=args.client,
+                )
+            except UnknownUser as exc:
+                print(f"jobledger: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                await pool.close()
+        _print_json(
+            {
+                "uuid": issued.uuid,
+                "token": issued.token,
+                "user_uuid": issued.user_uuid,
+                "api_client_uuid": issued.api_client_uuid,
+                "read_only": issued.read_only,
+                "expires_at": issued.expires_at,
+            }
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line grammar."""
+    parser = argparse.ArgumentParser(prog="jobledger", description="An event-sourced Orvos Jobs service.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS")
+    serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    serve.set_defaults(func=cmd_serve)
+
+    rebuild = commands.add_parser("rebuild", help="re-fold the read model from the events")
+    rebuild.add_argument("--check", action="store_true", help="only compare; exit 1 naming the first difference")
+    rebuild.set_defaults(func=cmd_rebuild)
+
+    user = commands.add_parser("user", help="manage users").add_subparsers(dest="user_command", required=True)
+    user_create = user.add_parser("create", help="create a user")
+    user_create.add_argument("name")
+    user_create.add_argument("--role", choices=ROLES, default="user")
+    user_create.set_defaults(func=cmd_user_create)
+
+    token = commands.add_parser("token", help="manage tokens").add_subparsers(dest="token_command", required=True)
+    token_create = token.add_parser("create", help="issue a token for a user")
+    token_create.add_argument("--user", required=True, help="the user's uuid")
+    token_create.add_argument("--read-only", action="store_true")
+    token_create.add_argument("--expires-in", type=float, metavar="SECONDS")
+    token_create.add_argument("--client", default="jobledger", help="the API client the token is issued to")
+    token_create.set_defaults(func=cmd_token_create)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jobledger`` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"jobledger: {exc}", file=sys.stderr)
+        return 2
+    return args.func(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

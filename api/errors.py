@@ -1,0 +1,119 @@
+"""Orvos error responses (CONTRACT §7) and the middleware that turns every failure into one.
+
+No request ever gets a 500: domain errors map to their 4xx, an unavailable database to 503 with
+``Retry-After``, and anything unforeseen to 422 (as Orvos did), logged with its ``error_token``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import asyncpg
+import msgspec
+from aiohttp import web
+
+from ledger.errors import DomainError, Forbidden, Invalid, NotFound, PreconditionFailed
+from ledger.service import Contention
+
+_log = logging.getLogger("jobledger.api")
+REQUEST_ID: Final = "request_id"
+RETRY_AFTER_SECONDS: Final = "2"
+
+_DOMAIN_STATUS: Final[dict[type[DomainError], int]] = {
+    NotFound: 404,
+    Forbidden: 403,
+    PreconditionFailed: 412,
+    Invalid: 422,
+}
+
+# Failures that mean "the database is not there right now", not "this request is wrong".
+DATABASE_UNAVAILABLE: Final = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.QueryCanceledError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InsufficientResourcesError,
+)
+
+
+class ApiError(Exception):
+    """An HTTP-level refusal raised by handlers (bad parameters, wrong content type, missing token...)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_token() -> str:
+    """``<unix seconds>+<8 hex>``: unique, and findable in the server log."""
+    return f"{int(time.time())}+{secrets.token_hex(4)}"
+
+
+def error_response(status: int, messages: list[str], headers: dict[str, str] | None = None) -> web.Response:
+    """An Orvos error body with ``status``."""
+    body = msgspec.json.encode({"errors": messages, "error_token": error_token()})
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+_REQUEST_ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/")
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    # Echo the client's id if it is sane; otherwise make one the Arvados way.
+    if 0 < len(given) <= 128 and _REQUEST_ID_CHARS.issuperset(given):
+        return given
+    return "req-" + "".join(secrets.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(20))
+
+
+_HTTP_MESSAGES: Final[dict[int, str]] = {
+    404: "Path not found",
+    405: "Method not allowed",
+    413: "Request body larger than 1 MiB",
+}
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Assign the request id, and render every error as an Orvos error body."""
+    request_id = _request_id(request)
+    request[REQUEST_ID] = request_id
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = error_response(exc.status, [exc.message], exc.headers)
+    except DomainError as exc:
+        response = error_response(_DOMAIN_STATUS.get(type(exc), 422), [exc.message])
+    except Contention as exc:
+        response = error_response(503, [str(exc)], {"Retry-After": "1"})
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = _HTTP_MESSAGES.get(exc.status, exc.reason)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        response = error_response(exc.status, [message], headers)
+    except DATABASE_UNAVAILABLE as exc:
+        _log.warning("database unavailable during %s %s: %r", request.method, request.path, exc)
+        response = error_response(503, ["database unavailable; try again"], {"Retry-After": RETRY_AFTER_SECONDS})
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        token_response = error_response(422, ["unexpected error; the server log has the details"])
+        _log.exception("unexpected error in %s %s (request %s)", request.method, request.path, request_id)
+        response = token_response
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    return response

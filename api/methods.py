@@ -1,0 +1,124 @@
+"""The API's methods, defined once. ``api/app.py`` routes from this table, and the discovery and OpenAPI
+documents are rendered from it, so the three can never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from aiohttp import web
+
+from api import jobs, listing
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ParamType = Literal["string", "integer", "boolean", "array", "object"]
+BASE_PATH: Final = "/orvos/v1/"
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter of a method, as discovery documents describe it."""
+
+    name: str
+    type: ParamType
+    description: str
+    location: Literal["query", "path"] = "query"
+    required: bool = False
+    default: str | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One API method: where it is routed, what it takes, what it returns."""
+
+    resource: str
+    name: str
+    http: Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
+    path: str  # relative to BASE_PATH, e.g. "jobs/{uuid}/lock"
+    handler: Handler
+    description: str
+    parameters: tuple[Param, ...] = ()
+    request: str | None = None  # schema name of the request body (wrapped under the resource key), if any
+    response: str | None = None  # schema name of the response
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def id(self) -> str:
+        """``arvados.jobs.get``-style id (googleapiclient wants one per method)."""
+        return f"arvados.{self.resource}.{self.name}"
+
+
+UUID_PARAM: Final = Param("uuid", "string", "The job's UUID.", location="path", required=True)
+LIST_PARAMS: Final = (
+    Param("filters", "array", "Conditions [attribute, operator, operand], ANDed (JSON)."),
+    Param("where", "object", "Legacy equality/IN conditions (JSON object)."),
+    Param("order", "array", 'Sort keys, e.g. ["priority desc", "created_at asc"] (JSON).'),
+    Param("select", "array", "Attributes to return (JSON array)."),
+    Param("distinct", "boolean", "Accepted for compatibility; rows are always distinct.", default="false"),
+    Param("limit", "integer", "Maximum items to return (clamped to 1000).", default="100"),
+    Param("offset", "integer", "Items to skip.", default="0"),
+    Param("count", "string", '"exact" (default) or "none": whether to compute items_available.', default="exact"),
+)
+CREATE_PARAMS: Final = (
+    Param("allow_duplicate", "boolean", "Submit a new job even if an identical unfailed one exists."),
+    Param("find_or_create", "boolean", "Arvados spelling of the negation of allow_duplicate."),
+    Param("filters", "array", "Accepted for Arvados compatibility; reuse matching is by identity."),
+    Param("minimum_script_version", "string", "Accepted for Arvados compatibility; ignored."),
+    Param("exclude_script_versions", "array", "Accepted for Arvados compatibility; ignored."),
+    Param("ensure_unique_name", "boolean", "Accepted for Arvados compatibility; ignored."),
+    Param("select", "array", "Accepted for Arvados compatibility; ignored."),
+    Param("cluster_id", "string", "Accepted for Arvados compatibility; ignored."),
+)
+AS_OF_PARAMS: Final = (
+    Param("as_of_version", "integer", "Return the job as it was after this version of its history."),
+    Param("as_of", "string", "Return the job as it was at this RFC 3339 time."),
+)
+
+JOB_METHODS: Final[tuple[Method, ...]] = (
+    Method("jobs", "list", "GET", "jobs", listing.list_jobs, "List jobs.", LIST_PARAMS, response="JobList",
+           aliases=("index",)),
+    Method("jobs", "queue", "GET", "jobs/queue", listing.queue_jobs,
+           "Queued, unlocked jobs, highest priority first.", LIST_PARAMS, response="JobList"),
+    Method("jobs", "queue_size", "GET", "jobs/queue_size", listing.queue_size, "Number of queued jobs.",
+           response="QueueSize"),
+    Method("jobs", "get", "GET", "jobs/{uuid}", jobs.get_job, "Get a job (optionally as of a version or time).",
+           (UUID_PARAM, *AS_OF_PARAMS), response="Job", aliases=("show",)),
+    Method("jobs", "create", "POST", "jobs", jobs.create_job, "Submit a job (or get an identical one back).",
+           CREATE_PARAMS, request="Job", response="Job"),
+    Method("jobs", "update", "PUT", "jobs/{uuid}", jobs.update_job, "Change a queued job's attributes.",
+           (UUID_PARAM,), request="Job", response="Job"),
+    Method("jobs", "patch", "PATCH", "jobs/{uuid}", jobs.update_job, "Change a queued job's attributes.",
+           (UUID_PARAM,), request="Job", response="Job"),
+    Method("jobs", "delete", "DELETE", "jobs/{uuid}", jobs.delete_job, "Always 405: the ledger never deletes.",
+           (UUID_PARAM,), response="Job", aliases=("destroy",)),
+    Method("jobs", "lock", "POST", "jobs/{uuid}/lock", jobs.lock_job, "Claim a queued job (dispatchers).",
+           (UUID_PARAM,), response="Job"),
+    Method("jobs", "unlock", "POST", "jobs/{uuid}/unlock", jobs.unlock_job, "Release a lock before start.",
+           (UUID_PARAM,), response="Job"),
+    Method("jobs", "start", "POST", "jobs/{uuid}/start", jobs.start_job,
+           "Start a locked job; the body may carry the resolved script_version.", (UUID_PARAM,),
+           request="StartRequest", response="Job"),
+    Method("jobs", "cancel", "POST", "jobs/{uuid}/cancel", jobs.cancel_job, "Cancel a queued or running job.",
+           (UUID_PARAM,), response="Job"),
+    Method("jobs", "finish", "POST", "jobs/{uuid}/finish", jobs.finish_job,
+           "Record how a started job ended: success, output, log.", (UUID_PARAM,), request="FinishRequest",
+           response="Job"),
+)  # fmt: skip
+
+
+def all_methods() -> tuple[Method, ...]:
+    """Every method of the API: jobs, the event stream (``api/events.py``), the ledger (``api/provenance.py``)."""
+    from api import events, provenance
+
+    return JOB_METHODS + events.EVENT_METHODS + provenance.LEDGER_METHODS
+
+
+def add_routes(app: web.Application) -> None:
+    """Route every method under ``BASE_PATH``, fixed paths before parameterised ones."""
+    ordered = sorted(all_methods(), key=lambda m: "{" in m.path)
+    for method in ordered:
+        app.router.add_route(
+            method.http, BASE_PATH + method.path, method.handler, name=f"{method.resource}.{method.name}"
+        )
