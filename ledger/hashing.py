@@ -6,7 +6,7 @@ no whitespace, ``ensure_ascii=False``, encoded as UTF-8, so a verifier needs onl
 
 Values are normalised before they are hashed and stored, so that what PostgreSQL's ``jsonb`` gives back
 re-encodes to the same bytes: floats of magnitude 1e16 or more (always integral) become ints, and -0.0
-becomes 0.0. NaN, infinities and NUL characters cannot be stored at all and are refused.
+becomes 0.0. NaN, infinities, NUL characters and lone surrogates cannot be stored at all and are refused.
 """
 
 from __future__ import annotations
@@ -37,21 +37,28 @@ def normalise(value: Any) -> Any:
             return int(value)
         return 0.0 if value == 0 else value
     if isinstance(value, str):
-        if "\x00" in value:
-            raise UnhashableValue("strings must not contain NUL characters")
-        return value
+        return _check_text(value)
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise UnhashableValue("object keys must be strings")
-            if "\x00" in key:
-                raise UnhashableValue("strings must not contain NUL characters")
-            out[key] = normalise(item)
+            out[_check_text(key)] = normalise(item)
         return out
     if isinstance(value, list | tuple):
         return [normalise(item) for item in value]
     raise UnhashableValue(f"not a JSON value: {type(value).__name__}")
+
+
+def _check_text(text: str) -> str:
+    if "\x00" in text:
+        raise UnhashableValue("strings must not contain NUL characters")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for it, so it can be neither hashed nor stored
+            raise UnhashableValue("strings must be valid Unicode (no lone surrogates)") from None
+    return text
 
 
 def canonical_json(value: Any) -> bytes:

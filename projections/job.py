@@ -167,7 +167,9 @@ class Job(msgspec.Struct, kw_only=True):
 
 
 JOB_ATTRIBUTES: Final[tuple[str, ...]] = Job.__struct_fields__
-_ETAG_EXCLUDED: Final = frozenset({"etag", "version"})
+# The etag covers everything the client sees, version included: a reuse adds an event, and the ETag must
+# change with the representation.
+_ETAG_EXCLUDED: Final = frozenset({"etag"})
 
 
 class IllegalTransition(Exception):
