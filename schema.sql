@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_tx_id ON events (tx, id);
 CREATE INDEX IF NOT EXISTS events_job_recorded_at ON events (job_uuid, recorded_at, version);
+CREATE INDEX IF NOT EXISTS events_reused_submit_id ON events (actor_user_uuid, (data->>'submit_id')) WHERE event_type = 'reused';
 
 -- Global order: the sequencer appends one row per event, position 1, 2, 3, ... in commit order.
 CREATE TABLE IF NOT EXISTS event_positions (

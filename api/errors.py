@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import msgspec
@@ -21,7 +21,8 @@ from ledger.errors import DomainError, Forbidden, Invalid, NotFound, Preconditio
 from ledger.service import Contention
 
 _log = logging.getLogger("jobledger.api")
-REQUEST_ID: Final = "request_id"
+# A typed request key where aiohttp has them (3.12+), the plain string before.
+REQUEST_ID: Final[Any] = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
 RETRY_AFTER_SECONDS: Final = "2"
 
 _DOMAIN_STATUS: Final[dict[type[DomainError], int]] = {
@@ -37,11 +38,18 @@ DATABASE_UNAVAILABLE: Final = (
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # asyncpg's protocol state machine trips over a connection whose backend was terminated under it.
+    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
     asyncpg.OperatorInterventionError,
     asyncpg.QueryCanceledError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InsufficientResourcesError,
+    # 55000 "database is not currently accepting connections" (ALLOW_CONNECTIONS false), and its subclass
+    # 55P03 lock_not_available (lock_timeout): both are transient, neither says anything about the request.
+    asyncpg.ObjectNotInPrerequisiteStateError,
+    # 3D000: the database is gone (dropped or being recreated); nothing the client sent is wrong either.
+    asyncpg.InvalidCatalogNameError,
 )
 
 

@@ -6,6 +6,7 @@ render the job. List, queue and queue_size live in ``api/listing.py``.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 import msgspec
@@ -19,7 +20,7 @@ from api.params import parse_bool, read_json_object
 from api.payloads import create_attributes, finish_arguments, start_arguments, update_attributes
 from projections.job import Job
 
-_UUID_LENGTH: Final = 27
+_JOB_UUID: Final = re.compile(r"[0-9a-z]{5}-8i9sb-[0-9a-z]{15}", re.ASCII)
 _CONTROL_PARAMETERS: Final = frozenset(
     {"allow_duplicate", "find_or_create", "filters", "minimum_script_version", "exclude_script_versions",
      "ensure_unique_name", "select", "cluster_id", "alt", "api_token"}
@@ -37,9 +38,13 @@ def job_response(job: Job, status: int = 200, headers: dict[str, str] | None = N
 
 
 def job_uuid(request: web.Request) -> str:
-    """The ``{uuid}`` path parameter; anything not shaped like a job uuid is simply not found."""
+    """The ``{uuid}`` path parameter; anything not shaped like a job uuid is simply not found.
+
+    The whole shape is checked, not just the length: a NUL or non-ASCII character must never reach
+    PostgreSQL (which refuses it with an error of its own instead of finding nothing).
+    """
     uuid = request.match_info["uuid"]
-    if len(uuid) != _UUID_LENGTH or uuid[5:12] != "-8i9sb-":
+    if not _JOB_UUID.fullmatch(uuid):
         raise ApiError(404, "Path not found")
     return uuid
 

@@ -35,6 +35,10 @@ async def read_json_object(request: web.Request, *, required: bool) -> dict[str,
         value = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"malformed JSON in request body: {exc}") from None
+    except UnicodeDecodeError:  # msgspec does not wrap invalid UTF-8 in a DecodeError
+        raise ApiError(400, "malformed JSON in request body: not valid UTF-8") from None
+    except RecursionError:  # nesting deeper than the decoder's limit
+        raise ApiError(400, "malformed JSON in request body: nested too deeply") from None
     if not isinstance(value, dict):
         raise ApiError(400, "request body must be a JSON object")
     return value
@@ -97,5 +101,5 @@ def parse_json_param(params: Mapping[str, Any], name: str) -> Any:
         return value
     try:
         return msgspec.json.decode(value)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeError, RecursionError):
         raise ApiError(400, f"{name} parameter is not valid JSON") from None

@@ -49,6 +49,8 @@ STATE_METHODS: Final[dict[str, str]] = {
 _INT32: Final = (-(2**31), 2**31 - 1)
 _MAX_INT64: Final = 2**63 - 1
 _MAX_TEXT: Final = 4096
+# Hashing, storing and comparing parameters recurse; far below Python's recursion limit, far above real use.
+MAX_PARAMETER_DEPTH: Final = 100
 
 
 def _text(name: str, value: Any, *, allow_empty: bool = False) -> str:
@@ -85,9 +87,22 @@ def _resource_limits(value: Any) -> dict[str, int]:
     return dict(value)
 
 
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests objects and arrays (iteratively: no recursion limit to trip over)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            pending.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _parameters(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError(422, "script_parameters must be an object")
+    if _depth(value) > MAX_PARAMETER_DEPTH:
+        raise ApiError(422, f"script_parameters must not nest more than {MAX_PARAMETER_DEPTH} levels deep")
     try:
         return normalise(value)
     except UnhashableValue as exc:

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from ledger.access import Action, Caller, authorize, can_read, reads_everything
 from ledger.errors import Invalid, NotFound, PreconditionFailed
-from ledger.hashing import GENESIS_HASH, digest_parameters
+from ledger.hashing import GENESIS_HASH, canonical_json, digest_parameters
 from ledger.store import EventStore, JobRecord, StaleVersion, SubmitIdTaken
 from projections.job import (
     Cancelled,
@@ -31,11 +31,18 @@ from projections.job import (
     Unlocked,
     Updated,
     apply,
+    fold,
 )
 from projections.timefmt import now_ts
 
 MAX_ATTEMPTS: Final = 25
 _ALPHABET: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
+# The job an owner's submit_id was answered with by reuse: a ``reused`` event carries the submit_id and the
+# submitter is its actor. (Belongs in ``EventStore``; served by the ``events_reused_submit_id`` index.)
+_REUSED_FOR_SUBMIT_ID: Final = (
+    "SELECT job_uuid, version FROM events "
+    "WHERE event_type = 'reused' AND actor_user_uuid = $1 AND data->>'submit_id' = $2 ORDER BY id LIMIT 1"
+)
 
 
 class Contention(Exception):
@@ -62,6 +69,21 @@ def _recorded(caller: Caller, job_uuid: str, version: int, event: Event, not_bef
         request_id=caller.request_id,
         recorded_at=moment,
     )
+
+
+def etag_matches(if_match: str, etag: str) -> bool:
+    """Whether an ``If-Match`` header value admits a job with ``etag`` (RFC 9110 §13.1.1).
+
+    ``*`` matches any existing job; otherwise one of the comma-separated entity tags must equal the etag by
+    strong comparison (a weak ``W/"..."`` tag never matches). Unquoted tags are tolerated.
+    """
+    for tag in if_match.split(","):
+        tag = tag.strip()
+        if tag == "*":
+            return True
+        if not tag.startswith("W/") and tag.strip('"') == etag:
+            return True
+    return False
 
 
 def _fold_one(record: JobRecord | None, rec: Recorded) -> Job:
@@ -118,14 +140,19 @@ class JobService:
         )
         for _ in range(MAX_ATTEMPTS):
             if submit_id is not None:
-                existing = await self.store.get_job_by_submit_id(caller.user_uuid, submit_id)
-                if existing is not None:
-                    first = (await self.store.load_events(existing.job.uuid, up_to_version=1))[0]
-                    _check_same_submission(existing.job.uuid, first.to_recorded().event, submitted)
-                    return existing.job, False
+                earlier = await self._earlier_submission(caller, submitted, submit_id)
+                if earlier is not None:
+                    return earlier, False
             if reuse:
                 candidate = await self._find_reusable(caller, submitted)
                 if candidate is not None:
+                    if submit_id is not None:
+                        # A concurrent request with this submit_id may have committed since the look-up above
+                        # (creating the very job found, or reusing it): then this is its retry, not a reuse.
+                        # Anything committed after the candidate was read makes the append below stale.
+                        earlier = await self._earlier_submission(caller, submitted, submit_id)
+                        if earlier is not None:
+                            return earlier, False
                     try:
                         job = await self._append(caller, candidate, Reused(submit_id=submit_id))
                     except StaleVersion:
@@ -140,6 +167,39 @@ class JobService:
                 continue  # a concurrent retry of this submission won; return its job on the next pass
             return job, True
         raise Contention("the submission kept conflicting with concurrent ones")
+
+    async def _earlier_submission(self, caller: Caller, submitted: Submitted, submit_id: str) -> Job | None:
+        """The job an earlier submission with this ``submit_id`` got, created or reused; None if there was none.
+
+        ``Invalid`` if that submission differs from this one.
+        """
+        existing = await self.store.get_job_by_submit_id(caller.user_uuid, submit_id)
+        if existing is not None:
+            first = (await self.store.load_events(existing.job.uuid, up_to_version=1))[0]
+            _check_same_submission(existing.job.uuid, first.to_recorded().event, submitted)
+            return existing.job
+        # The earlier submission may have been answered with an existing job: a ``reused`` event records it.
+        row = await self.store.pool.fetchrow(_REUSED_FOR_SUBMIT_ID, caller.user_uuid, submit_id)
+        if row is None:
+            return None
+        history = await self.store.load_events(row["job_uuid"], up_to_version=row["version"])
+        then = fold(event.to_recorded() for event in history)
+        record = await self.store.get_job(row["job_uuid"])
+        assert then is not None
+        assert record is not None
+        # What the earlier request asked for is what the job was when it was reused (that is what matched).
+        mismatched = [
+            name
+            for name in ("script_name", "script_version", "script_parameters")
+            if not _same_value(getattr(then, name), getattr(submitted, name))
+        ]
+        if mismatched or not can_read(caller, record.job):
+            raise Invalid(
+                f"submit_id {submit_id!r} was already used for job {then.uuid}"
+                + (f" with different {', '.join(mismatched)}" if mismatched else ""),
+                rule="submit-id-unique",
+            )
+        return record.job
 
     async def _find_reusable(self, caller: Caller, submitted: Submitted) -> JobRecord | None:
         candidates = await self.store.find_identical(
@@ -161,9 +221,17 @@ class JobService:
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     async def update(self, caller: Caller, job_uuid: str, changes: dict[str, Any], if_match: str | None = None) -> Job:
-        """Change client-settable attributes (``Updated`` fields) of a Queued, unlocked job."""
-        event = Updated(**changes)
-        return await self._command(caller, job_uuid, "update", lambda job: event, if_match)
+        """Change client-settable attributes (``Updated`` fields) of a Queued, unlocked job.
+
+        Attributes supplied with the value they already have are not changes; an update that changes nothing
+        succeeds and appends nothing.
+        """
+
+        def decide(job: Job) -> Event | None:
+            effective = {name: value for name, value in changes.items() if not _same_value(getattr(job, name), value)}
+            return Updated(**effective) if effective else None
+
+        return await self._command(caller, job_uuid, "update", decide, if_match)
 
     async def lock(self, caller: Caller, job_uuid: str, if_match: str | None = None) -> Job:
         """Claim a Queued, unlocked job for the calling dispatcher."""
@@ -218,13 +286,14 @@ class JobService:
         decide: Callable[[Job], Event | None],
         if_match: str | None,
     ) -> Job:
-        authorize(caller, action)
         for _ in range(MAX_ATTEMPTS):
             record = await self.store.get_job(job_uuid)
+            # A job the caller may not read is not found, whatever they wanted to do to it (never 403: that
+            # would tell them it exists). Only then: may they do this?
             if record is None or not can_read(caller, record.job):
                 raise NotFound("Path not found")
             authorize(caller, action, record.job)
-            if if_match is not None and if_match.strip('"') != record.job.etag:
+            if if_match is not None and not etag_matches(if_match, record.job.etag):
                 raise PreconditionFailed(f"If-Match {if_match} does not match the job's etag {record.job.etag}")
             event = decide(record.job)
             if event is None:
@@ -243,13 +312,18 @@ class JobService:
         return new_job
 
 
+def _same_value(current: Any, new: Any) -> bool:
+    # Exact JSON equality: Python's == would take True for 1 inside script_parameters.
+    return canonical_json(current) == canonical_json(new)
+
+
 def _check_same_submission(job_uuid: str, original: Event, submitted: Submitted) -> None:
     # A retry must repeat the original submission, whatever updates the job has had since.
     assert isinstance(original, Submitted)
     mismatched = [
         name
         for name in ("script_name", "script_version", "script_parameters", "priority", "resource_limits")
-        if getattr(original, name) != getattr(submitted, name)
+        if not _same_value(getattr(original, name), getattr(submitted, name))
     ]
     if mismatched:
         raise Invalid(

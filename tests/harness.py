@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import asyncpg
 from aiohttp import web
+from multidict import CIMultiDict
 
 from api.app import create_app
 from api.context import POOL
@@ -21,7 +23,7 @@ class Response:
     """What a test needs of an HTTP response."""
 
     status: int
-    headers: dict[str, str]
+    headers: Mapping[str, str]  # case-insensitive, as HTTP header names are
     body: Any
 
     @property
@@ -62,7 +64,7 @@ class ApiClient:
                 body: Any = await response.json(content_type=None) if raw else None
             except ValueError:
                 body = raw.decode(errors="replace")
-            return Response(response.status, dict(response.headers), body)
+            return Response(response.status, CIMultiDict(response.headers), body)
 
     async def get(self, path: str, **kwargs: Any) -> Response:
         """GET."""
