@@ -43,6 +43,10 @@ class Method:
     request: str | None = None  # schema name of the request body (wrapped under the resource key), if any
     response: str | None = None  # schema name of the response
     aliases: tuple[str, ...] = field(default=())
+    # What a success answers with: the documents list these statuses (none: the method always refuses).
+    success_statuses: tuple[int, ...] = (200,)
+    # The media type of a success (e.g. "text/event-stream" for a stream); the documents describe it.
+    response_content_type: str = "application/json"
 
     @property
     def id(self) -> str:
@@ -77,34 +81,45 @@ AS_OF_PARAMS: Final = (
 )
 
 JOB_METHODS: Final[tuple[Method, ...]] = (
-    Method("jobs", "list", "GET", "jobs", listing.list_jobs, "List jobs.", LIST_PARAMS, response="JobList",
-           aliases=("index",)),
+    Method("jobs", "list", "GET", "jobs", listing.list_jobs,
+           "List the jobs the caller may read (default order modified_at desc, uuid asc). POST jobs with "
+           "X-HTTP-Method-Override: GET, as googleapiclient sends long queries, is a list too.", LIST_PARAMS,
+           response="JobList", aliases=("index",)),
     Method("jobs", "queue", "GET", "jobs/queue", listing.queue_jobs,
-           "Queued, unlocked jobs, highest priority first.", LIST_PARAMS, response="JobList"),
-    Method("jobs", "queue_size", "GET", "jobs/queue_size", listing.queue_size, "Number of queued jobs.",
-           response="QueueSize"),
-    Method("jobs", "get", "GET", "jobs/{uuid}", jobs.get_job, "Get a job (optionally as of a version or time).",
+           "Queued, unlocked jobs, priority desc then created_at asc; the list parameters apply.", LIST_PARAMS,
+           response="JobList"),
+    Method("jobs", "queue_size", "GET", "jobs/queue_size", listing.queue_size,
+           "How many jobs are queued and unlocked.", response="QueueSize"),
+    Method("jobs", "get", "GET", "jobs/{uuid}", jobs.get_job,
+           "Get a job; with as_of_version or as_of, the job as it was then, folded from its events.",
            (UUID_PARAM, *AS_OF_PARAMS), response="Job", aliases=("show",)),
-    Method("jobs", "create", "POST", "jobs", jobs.create_job, "Submit a job (or get an identical one back).",
-           CREATE_PARAMS, request="Job", response="Job"),
-    Method("jobs", "update", "PUT", "jobs/{uuid}", jobs.update_job, "Change a queued job's attributes.",
+    Method("jobs", "create", "POST", "jobs", jobs.create_job,
+           "Submit a job: 201 with Location when new; 200 when an identical unfailed job, or the caller's job "
+           "with the same submit_id, is returned instead.", CREATE_PARAMS, request="Job", response="Job",
+           success_statuses=(201, 200)),
+    Method("jobs", "update", "PUT", "jobs/{uuid}", jobs.update_job,
+           "Change the supplied attributes of a Queued, unlocked job (priority until it finishes).",
            (UUID_PARAM,), request="Job", response="Job"),
-    Method("jobs", "patch", "PATCH", "jobs/{uuid}", jobs.update_job, "Change a queued job's attributes.",
+    Method("jobs", "patch", "PATCH", "jobs/{uuid}", jobs.update_job,
+           "Change the supplied attributes of a Queued, unlocked job (priority until it finishes).",
            (UUID_PARAM,), request="Job", response="Job"),
-    Method("jobs", "delete", "DELETE", "jobs/{uuid}", jobs.delete_job, "Always 405: the ledger never deletes.",
-           (UUID_PARAM,), response="Job", aliases=("destroy",)),
-    Method("jobs", "lock", "POST", "jobs/{uuid}/lock", jobs.lock_job, "Claim a queued job (dispatchers).",
+    Method("jobs", "delete", "DELETE", "jobs/{uuid}", jobs.delete_job,
+           "Always 405: the ledger never deletes a job; cancel it instead.", (UUID_PARAM,), response="Job",
+           aliases=("destroy",), success_statuses=()),
+    Method("jobs", "lock", "POST", "jobs/{uuid}/lock", jobs.lock_job,
+           "Claim a Queued, unlocked job (dispatchers). Of racing callers one wins; the others get 422.",
            (UUID_PARAM,), response="Job"),
-    Method("jobs", "unlock", "POST", "jobs/{uuid}/unlock", jobs.unlock_job, "Release a lock before start.",
-           (UUID_PARAM,), response="Job"),
+    Method("jobs", "unlock", "POST", "jobs/{uuid}/unlock", jobs.unlock_job,
+           "Release a lock before the job starts (the lock holder or an admin).", (UUID_PARAM,), response="Job"),
     Method("jobs", "start", "POST", "jobs/{uuid}/start", jobs.start_job,
-           "Start a locked job; the body may carry the resolved script_version.", (UUID_PARAM,),
-           request="StartRequest", response="Job"),
-    Method("jobs", "cancel", "POST", "jobs/{uuid}/cancel", jobs.cancel_job, "Cancel a queued or running job.",
+           "Start a locked job (the lock holder). The body carries the resolved script_version when the job's is "
+           "a branch or tag.", (UUID_PARAM,), request="StartRequest", response="Job"),
+    Method("jobs", "cancel", "POST", "jobs/{uuid}/cancel", jobs.cancel_job,
+           "Cancel a Queued or Running job (owner, dispatcher or admin); cancelling it again changes nothing.",
            (UUID_PARAM,), response="Job"),
     Method("jobs", "finish", "POST", "jobs/{uuid}/finish", jobs.finish_job,
-           "Record how a started job ended: success, output, log.", (UUID_PARAM,), request="FinishRequest",
-           response="Job"),
+           "Record how a started job's process ended (the lock holder): success, output, log. Allowed after a "
+           "cancel; the state stays Cancelled.", (UUID_PARAM,), request="FinishRequest", response="Job"),
 )  # fmt: skip
 
 
