@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING, Any, TextIO
 
 import msgspec
 
@@ -16,6 +17,12 @@ from ledger.access import ROLES
 from ledger.config import Settings
 from ledger.database import apply_schema, create_pool
 from ledger.embedded import EmbeddedPostgres
+
+if TYPE_CHECKING:
+    import asyncpg
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from ledger.verify import VerifyReport
 
 
 @contextlib.contextmanager
@@ -149,6 +156,132 @@ def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(run())
 
 
+async def _read_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
+    # Auditing commands only read: they leave the schema alone, so they also work on a read-only replica.
+    return await create_pool(dsn, settings, min_size=1, max_size=4)
+
+
+def _load_anchor(args: argparse.Namespace) -> tuple[Any, Ed25519PublicKey] | None:
+    """The checkpoint document and public key named by --checkpoint/--public-key (None if not given)."""
+    from ledger.checkpoint import loads_strict
+    from ledger.signing import parse_public_key
+
+    if not args.checkpoint and not args.public_key:
+        return None
+    if not (args.checkpoint and args.public_key):
+        raise ValueError("--checkpoint and --public-key go together")
+    with open(args.public_key, encoding="utf-8") as handle:
+        key = parse_public_key(handle.read())
+    with open(args.checkpoint, "rb") as handle:
+        document = loads_strict(handle.read())
+    return document, key
+
+
+def _report_verification(report: VerifyReport) -> int:
+    _print_json(report)
+    if report.ok:
+        if report.beyond_checkpoint:
+            print(
+                f"jobledger: note: the last {report.beyond_checkpoint} positions come after the checkpoint's "
+                f"position {report.checkpoint_position}; they are consistent but no signature covers them",
+                file=sys.stderr,
+            )
+        return 0
+    print(f"jobledger: verification FAILED: {report.first}", file=sys.stderr)
+    return 1
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    """Verify the ledger in the database, or (--offline) an export against a checkpoint, with no database."""
+    from ledger.verify import verify_export, verify_ledger
+
+    try:
+        anchor = _load_anchor(args)
+    except (OSError, ValueError) as exc:
+        print(f"jobledger: {exc}", file=sys.stderr)
+        return 2
+    if args.offline:
+        if anchor is None:
+            print("jobledger: verify --offline needs --checkpoint and --public-key", file=sys.stderr)
+            return 2
+        try:
+            with open(args.offline, "rb") as lines:
+                return _report_verification(verify_export(lines, *anchor))
+        except OSError as exc:
+            print(f"jobledger: {exc}", file=sys.stderr)
+            return 2
+
+    async def run() -> int:
+        with database_url(settings) as dsn:
+            pool = await _read_pool(settings, dsn)
+            try:
+                checkpoint, key = anchor if anchor is not None else (None, None)
+                return _report_verification(await verify_ledger(pool, checkpoint, key))
+            finally:
+                await pool.close()
+
+    return asyncio.run(run())
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    """Write the sequenced events (or one job's, with chain links) as NDJSON, in position order."""
+    from ledger.export import NothingToExport, export_lines
+
+    async def run(out: TextIO) -> int:
+        with database_url(settings) as dsn:
+            pool = await _read_pool(settings, dsn)
+            try:
+                async with contextlib.aclosing(export_lines(pool, args.job)) as lines:
+                    async for line in lines:
+                        out.write(line)
+            except NothingToExport as exc:
+                print(f"jobledger: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                await pool.close()
+        return 0
+
+    if not args.output:
+        return asyncio.run(run(sys.stdout))
+    with open(args.output, "w", encoding="utf-8") as out:
+        return asyncio.run(run(out))
+
+
+def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
+    """Print a checkpoint of the current head, signed with the service's key."""
+    from ledger.checkpoint import make_checkpoint
+    from ledger.signing import SigningKeyError, load_or_create_signing_key
+
+    try:
+        key = load_or_create_signing_key(settings)
+    except SigningKeyError as exc:
+        print(f"jobledger: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        with database_url(settings) as dsn:
+            pool = await _read_pool(settings, dsn)
+            try:
+                _print_json(await make_checkpoint(pool, key))
+            finally:
+                await pool.close()
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_public_key(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the public key that signs checkpoints (no database needed)."""
+    from ledger.signing import SigningKeyError, load_or_create_signing_key
+
+    try:
+        _print_json(load_or_create_signing_key(settings).public_key_document())
+    except SigningKeyError as exc:
+        print(f"jobledger: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line grammar."""
     parser = argparse.ArgumentParser(prog="jobledger", description="An event-sourced Orvos Jobs service.")
@@ -178,6 +311,23 @@ def build_parser() -> argparse.ArgumentParser:
     token_create.add_argument("--expires-in", type=float, metavar="SECONDS")
     token_create.add_argument("--client", default="jobledger", help="the API client the token is issued to")
     token_create.set_defaults(func=cmd_token_create)
+
+    verify = commands.add_parser("verify", help="verify hash chains, the read model and (optionally) a checkpoint")
+    verify.add_argument("--offline", metavar="FILE", help="verify this export instead of the database")
+    verify.add_argument("--checkpoint", metavar="CP_FILE", help="a saved checkpoint (JSON) the ledger must match")
+    verify.add_argument("--public-key", metavar="KEY_FILE", help="the service's public key (PEM or base64)")
+    verify.set_defaults(func=cmd_verify)
+
+    export = commands.add_parser("export", help="write sequenced events as NDJSON, in position order")
+    export.add_argument("--job", metavar="UUID", help="only this job's events (others become chain links)")
+    export.add_argument("--output", "-o", metavar="FILE", help="write here instead of standard output")
+    export.set_defaults(func=cmd_export)
+
+    checkpoint = commands.add_parser("checkpoint", help="print a signed checkpoint of the ledger's head")
+    checkpoint.set_defaults(func=cmd_checkpoint)
+
+    public_key = commands.add_parser("public-key", help="print the public key that signs checkpoints")
+    public_key.set_defaults(func=cmd_public_key)
     return parser
 
 

@@ -36,6 +36,8 @@ class Settings:
     # An abandoned transaction holds back the sequencer's horizon (see docs/operations.md); end it fast.
     idle_in_transaction_timeout_ms: int = 5_000
     lock_timeout_ms: int = 2_000
+    # The Ed25519 key that signs ledger checkpoints; None: ``data_dir / "signing-key.pem"``, made on first start.
+    signing_key_path: Path | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -45,6 +47,8 @@ class Settings:
         if not _PREFIX.match(prefix):
             raise ValueError("JOBLEDGER_UUID_PREFIX must be five characters of [0-9a-z]")
         data_dir = Path(env["JOBLEDGER_DATA"]).expanduser() if env.get("JOBLEDGER_DATA") else default_data_dir()
+        key = env.get("JOBLEDGER_SIGNING_KEY")
+        signing_key_path = Path(key).expanduser() if key else None
         return cls(
             database_url=env.get("DATABASE_URL") or None,
             data_dir=data_dir,
@@ -54,4 +58,5 @@ class Settings:
             statement_timeout_ms=int(env.get("JOBLEDGER_STATEMENT_TIMEOUT_MS", "5000")),
             idle_in_transaction_timeout_ms=int(env.get("JOBLEDGER_IDLE_TX_TIMEOUT_MS", "5000")),
             lock_timeout_ms=int(env.get("JOBLEDGER_LOCK_TIMEOUT_MS", "2000")),
+            signing_key_path=signing_key_path,
         )
