@@ -8,16 +8,21 @@ from typing import Final
 
 from aiohttp import web
 
+from api import provenance
 from api.auth import AUTHENTICATOR, Authenticator
 from api.context import JOBS, POOL, SETTINGS, STORE
+from api.discovery import add_document_routes
 from api.errors import error_middleware
+from api.events import NOTIFIER, SEQUENCER, end_streams
 from api.health import healthz
 from api.methods import add_routes
 from api.params import MAX_BODY_BYTES
 from ledger.config import Settings
 from ledger.database import apply_schema, create_pool
+from ledger.sequencer import Sequencer
 from ledger.service import JobService
 from ledger.store import EventStore
+from ledger.stream import StreamNotifier
 from ledger.users import IssuedToken, bootstrap_admin
 
 _log = logging.getLogger("jobledger")
@@ -44,7 +49,17 @@ def _database(dsn: str) -> Callable[[web.Application], AsyncIterator[None]]:
             app[STORE] = store
             app[JOBS] = JobService(store, settings.uuid_prefix)
             app[AUTHENTICATOR] = Authenticator(pool)
-            yield
+            # The event stream: this process's LISTEN connection, and its bid to be the sequencer.
+            app[NOTIFIER] = notifier = StreamNotifier(dsn, settings)
+            app[SEQUENCER] = sequencer = Sequencer(dsn, settings, on_head=notifier.publish)
+            store.on_append = sequencer.poke
+            notifier.start()
+            sequencer.start()
+            try:
+                yield
+            finally:
+                await sequencer.stop()
+                await notifier.stop()
         finally:
             await pool.close()
 
@@ -59,6 +74,9 @@ def create_app(
     app[SETTINGS] = settings
     app[ADMIN_TOKEN_SINK] = admin_token_sink
     app.cleanup_ctx.append(_database(dsn))
+    app.on_shutdown.append(end_streams)
+    app.on_startup.append(provenance.load_signing_key)  # the checkpoint key: loaded, or made on first start
     add_routes(app)
+    add_document_routes(app)
     app.router.add_get("/healthz", healthz)
     return app

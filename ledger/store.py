@@ -8,7 +8,7 @@ see a raw asyncpg exception for them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -205,6 +205,8 @@ class EventStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        # Called after each committed append (the sequencer's wake-up); must be cheap and must not raise.
+        self.on_append: Callable[[], None] | None = None
 
     async def append(
         self, job_uuid: str, expected_version: int, prev_hash: str, records: Sequence[Recorded], job: Job
@@ -243,6 +245,8 @@ class EventStore:
                 # A predecessor vanished from under us can only mean a concurrent writer; anything else is a bug.
                 raise ChainViolation(str(exc)) from exc
             raise
+        if self.on_append is not None:
+            self.on_append()
         return sealed
 
     async def get_job(self, job_uuid: str) -> JobRecord | None:
