@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from ledger.errors import DomainError, Forbidden, Invalid, NotFound, PreconditionFailed
-from ledger.service import Contention
+from ledger.service import Contention, random_base36
 
 _log = logging.getLogger("jobledger.api")
 # A typed request key where aiohttp has them (3.12+), the plain string before.
@@ -82,7 +82,7 @@ def _request_id(request: web.Request) -> str:
     # Echo the client's id if it is sane; otherwise make one the Arvados way.
     if 0 < len(given) <= 128 and _REQUEST_ID_CHARS.issuperset(given):
         return given
-    return "req-" + "".join(secrets.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(20))
+    return "req-" + random_base36(20)
 
 
 _HTTP_MESSAGES: Final[dict[int, str]] = {

@@ -37,6 +37,18 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def reset_connection(conn: asyncpg.Connection) -> None:
+    """What a connection needs on its way back to the pool: only ending a transaction left open.
+
+    asyncpg's default reset sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every
+    release, a round trip that cost 11% of a create's time in the profile. Pool connections never carry
+    session state here (only ``SET LOCAL`` and transaction-scoped locks; the sequencer's lock and the
+    LISTEN live on dedicated connections), so it is not needed.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 def server_settings(settings: Settings) -> dict[str, str]:
     """Session settings every service connection gets."""
     return {
@@ -54,6 +66,7 @@ async def create_pool(dsn: str, settings: Settings, **overrides: Any) -> asyncpg
         "min_size": settings.pool_min_size,
         "max_size": settings.pool_max_size,
         "init": init_connection,
+        "reset": reset_connection,
         "server_settings": server_settings(settings),
         # Connections are recycled after a while so a restarted or failed-over server is picked up.
         "max_inactive_connection_lifetime": 60.0,
