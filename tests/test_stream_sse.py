@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 
 import aiohttp
@@ -98,11 +99,19 @@ async def test_a_consumer_that_stops_reading_is_cut_off_and_can_resume(
         assert {c.status for c in created} == {201}
     head = await wait_until_sequenced(service.pool)  # about 6 MB of events
 
-    headers = {"Authorization": f"Bearer {user.token}"}
-    received = b""
-    url = f"{service.base_url}/orvos/v1/events/stream"
-    async with service.session.get(url, headers=headers) as response:
-        received += await response.content.readany()
+    # A client that stops reading, with a small fixed receive buffer: the kernel would otherwise autotune a
+    # loopback receive buffer up to tcp_rmem's maximum (32 MB here) and swallow the whole stream unread.
+    host, port = service.base_url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
+    # HTTP/1.0, so the body is the plain SSE text until the server closes (no chunked framing to undo).
+    writer.write(f"GET /orvos/v1/events/stream HTTP/1.0\r\nAuthorization: Bearer {user.token}\r\n\r\n".encode())
+    await writer.drain()
+    received = await reader.read(16 * 1024)
+    try:
         # Stop reading. The server's socket fills; it must give up on us rather than buffer without bound.
         await eventually(
             lambda: any("slow event stream consumer" in r.getMessage() for r in caplog.records),
@@ -111,10 +120,16 @@ async def test_a_consumer_that_stops_reading_is_cut_off_and_can_resume(
         )
         # What was already in flight can still be read, then the connection ends, before the stream did.
         try:
-            while chunk := await response.content.readany():
+            while chunk := await reader.read(65536):
                 received += chunk
-        except (aiohttp.ClientError, ConnectionError):
+        except ConnectionError:
             pass
+    finally:
+        writer.close()
+    status_line, _, rest = received.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1."), status_line
+    assert b" 200 " in status_line, status_line
+    received = rest.partition(b"\r\n\r\n")[2]
     got, _, _ = parse_sse(received)
     assert len(got) < head, "the consumer was meant to be cut off before it had everything"
     resumed = _sse(service, user.token)
