@@ -168,7 +168,14 @@ async def sequence_pending(pool_or_conn: asyncpg.Pool | asyncpg.Connection, *, l
     """
     if isinstance(pool_or_conn, asyncpg.Pool):
         async with pool_or_conn.acquire() as conn:
-            return await sequence_pending(conn, limit=limit)
+            try:
+                return await sequence_pending(conn, limit=limit)
+            except BaseException:
+                # The pool does not reset sessions on release (ledger.database.reset_connection); if the unlock
+                # below never ran (cancelled, say), the session lock must not stay behind on a pooled
+                # connection and block the real sequencer, so end the session.
+                conn.terminate()
+                raise
     conn = pool_or_conn
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
         raise SequencerBusy("another session is the sequencer")
