@@ -14,7 +14,6 @@ import contextlib
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any, Final
 
 import asyncpg
@@ -23,8 +22,7 @@ import msgspec
 from ledger.config import Settings
 from ledger.database import server_settings
 from ledger.sequencer import CHANNEL, load_cursor
-from ledger.store import StoredEvent
-from projections.timefmt import format_ts
+from ledger.store import StoredEvent, stored_event
 
 _log = logging.getLogger("jobledger.stream")
 
@@ -38,7 +36,6 @@ _COLUMNS: Final = (
     "p.position, e.id, e.job_uuid, e.version, e.event_type, e.data, e.actor_user_uuid, e.actor_client_uuid, "
     "e.request_id, e.recorded_at, e.prev_hash, e.hash"
 )
-_ZERO: Final = timedelta(0)
 HEAD: Final = "SELECT COALESCE((SELECT position FROM event_positions ORDER BY position DESC LIMIT 1), 0)"
 
 
@@ -155,7 +152,7 @@ async def read_events(
     )
     rows = await pool.fetch(query.sql, *query.args)
     head: int = rows[0]["head"]
-    items = [_event(row) for row in rows if row["position"] is not None]
+    items = [stored_event(row) for row in rows if row["position"] is not None]
     if limit and len(items) == limit:
         next_after = items[-1].position or after  # a full page: resume right after its last event
     elif upto is None:
@@ -166,31 +163,6 @@ async def read_events(
         # head already exist and never change, so nothing there can match later.
         next_after = max(after, min(upto, head)) if limit else after
     return EventPage(items=items, head=head, next_after=next_after)
-
-
-def _rfc3339(moment: datetime) -> str:
-    # asyncpg gives timestamptz in UTC; isoformat is several times faster than the strftime of format_ts,
-    # which matters when a consumer catches up a page of a thousand events at a time.
-    if moment.utcoffset() != _ZERO:
-        return format_ts(moment)
-    return moment.isoformat(timespec="microseconds")[:-6] + "Z"
-
-
-def _event(row: asyncpg.Record) -> StoredEvent:
-    return StoredEvent(
-        id=row["id"],
-        position=row["position"],
-        job_uuid=row["job_uuid"],
-        version=row["version"],
-        event_type=row["event_type"],
-        data=row["data"],
-        actor_user_uuid=row["actor_user_uuid"],
-        actor_client_uuid=row["actor_client_uuid"],
-        request_id=row["request_id"],
-        recorded_at=_rfc3339(row["recorded_at"]),
-        prev_hash=row["prev_hash"],
-        hash=row["hash"],
-    )
 
 
 async def head_position(pool: asyncpg.Pool | asyncpg.Connection) -> int:

@@ -6,14 +6,17 @@ compares event times without parsing them.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+_ZERO = timedelta(0)
 
 
 def format_ts(moment: datetime) -> str:
     """Render an aware datetime as ``2026-11-25T10:00:00.123456Z``."""
-    return moment.astimezone(UTC).strftime(_FORMAT)
+    if moment.utcoffset() != _ZERO:
+        moment = moment.astimezone(UTC)
+    # isoformat is several times faster than strftime; a page of a thousand events formats a thousand times.
+    return moment.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def parse_ts(text: str) -> datetime:
