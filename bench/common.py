@@ -11,20 +11,17 @@ import asyncio
 import itertools
 import math
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from ledger.database import apply_schema
-from ledger.embedded import EmbeddedPostgres
+from ledger.database import apply_schema, with_database
+from ledger.embedded import temporary_server
 
 _scratch_counter = itertools.count()
 
@@ -33,24 +30,8 @@ _scratch_counter = itertools.count()
 @contextmanager
 def postgres_server() -> Iterator[str]:
     """Yield a DSN for a server to benchmark: ``DATABASE_URL`` if set, else a fresh embedded PostgreSQL."""
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        yield url
-        return
-    folder = Path(tempfile.mkdtemp(prefix="jobledger-bench-"))
-    server = EmbeddedPostgres(folder)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        server.force_stop()
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def with_database(dsn: str, database: str) -> str:
-    """``dsn`` pointing at another database on the same server."""
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
+    with temporary_server(os.environ.get("DATABASE_URL"), prefix="jobledger-bench-") as dsn:
+        yield dsn
 
 
 @asynccontextmanager

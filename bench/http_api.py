@@ -55,11 +55,10 @@ from bench.common import (
     process_cpu,
     run_workers,
     server_version,
-    with_database,
 )
 from bench.store_append import RAW_INSERT, RAW_TABLE
 from ledger.config import Settings
-from ledger.database import apply_schema, create_pool
+from ledger.database import apply_schema, create_pool, with_database
 
 VARIANTS: Final = ["create", "insert", "get", "select", "list"]
 PRECREATED_JOBS: Final = 500

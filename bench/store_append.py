@@ -66,7 +66,7 @@ from ledger.config import Settings
 from ledger.database import create_pool
 from ledger.hashing import GENESIS_HASH
 from ledger.service import JobService, new_uuid
-from ledger.store import APPEND_ONE, EventStore, _event_args, seal
+from ledger.store import APPEND_ONE, EventStore, event_args, seal
 from projections.job import Recorded, Submitted, apply
 from projections.readmodel import ALL_COLUMNS, job_to_row
 from projections.timefmt import now_ts
@@ -147,7 +147,7 @@ class Bench:
         sample = _new_job_record("zzzzz-8i9sb-000000000000000")
         sealed = seal([sample], GENESIS_HASH)[0]
         self.raw_data: dict[str, Any] = sealed.data
-        self.sql_event_args = _event_args(sealed)
+        self.sql_event_args = event_args(sealed)
         self.sql_job_row = job_to_row(apply(None, sample), sealed.hash, sample.recorded_at)
 
     # store: one new job through EventStore.append, as JobService.create builds it, minus the reads.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import msgspec
@@ -23,6 +24,12 @@ class SchemaTooNew(RuntimeError):
 
 class ServerTooOld(RuntimeError):
     """PostgreSQL older than 15."""
+
+
+def with_database(dsn: str, database: str) -> str:
+    """``dsn`` pointing at another database on the same server."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
 
 
 def _encode_json(value: Any) -> str:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -71,3 +74,22 @@ class EmbeddedPostgres:
         if alive != pids:
             _log.info("embedded postgres: forgetting handles of dead processes %s", sorted(set(pids) - set(alive)))
             handles.write_text(json.dumps(alive))
+
+
+@contextmanager
+def temporary_server(database_url: str | None, prefix: str = "jobledger-") -> Iterator[str]:
+    """Yield ``database_url`` if given; otherwise a throwaway embedded server, stopped and deleted afterwards.
+
+    For tests and benchmarks, which need a real PostgreSQL but must not touch the service's own data folder.
+    """
+    if database_url:
+        yield database_url
+        return
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    server = EmbeddedPostgres(folder)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        server.force_stop()
+        shutil.rmtree(folder, ignore_errors=True)

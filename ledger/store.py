@@ -159,7 +159,8 @@ FIND_IDENTICAL: Final = (
 GET_JOB_BY_SUBMIT_ID: Final = f"SELECT {', '.join(ALL_COLUMNS)} FROM jobs WHERE owner_uuid = $1 AND submit_id = $2"
 
 
-def _event_args(sealed: SealedEvent) -> tuple[Any, ...]:
+def event_args(sealed: SealedEvent) -> tuple[Any, ...]:
+    """The parameters of ``INSERT_EVENT`` (and the first ten of ``APPEND_ONE``) for a sealed event."""
     rec = sealed.record
     return (
         rec.job_uuid,
@@ -228,11 +229,11 @@ class EventStore:
         row = job_to_row(job, sealed[-1].hash, records[-1].recorded_at)
         try:
             if len(sealed) == 1:
-                await self.pool.execute(APPEND_ONE, *_event_args(sealed[0]), *row)
+                await self.pool.execute(APPEND_ONE, *event_args(sealed[0]), *row)
             else:
                 async with self.pool.acquire() as conn, conn.transaction():
                     for item in sealed:
-                        await conn.execute(INSERT_EVENT, *_event_args(item))
+                        await conn.execute(INSERT_EVENT, *event_args(item))
                     await conn.execute(UPSERT_JOB, *row)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "events_job_version_key":

@@ -9,45 +9,26 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from ledger.config import Settings
-from ledger.database import apply_schema, create_pool
-from ledger.embedded import EmbeddedPostgres
+from ledger.database import apply_schema, create_pool, with_database
+from ledger.embedded import temporary_server
 from ledger.store import EventStore
 from tests.harness import ServiceHarness, start_service, stop_service
 
 _counter = itertools.count()
 
 
-def with_database(dsn: str, database: str) -> str:
-    """``dsn`` pointing at another database on the same server."""
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
-
-
 @pytest.fixture(scope="session")
 def server_dsn() -> Iterator[str]:
     """A DSN for a database on the PostgreSQL server the tests use."""
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        yield url
-        return
-    folder = Path(tempfile.mkdtemp(prefix="jobledger-tests-"))
-    server = EmbeddedPostgres(folder)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        server.force_stop()
-        shutil.rmtree(folder, ignore_errors=True)
+    with temporary_server(os.environ.get("DATABASE_URL"), prefix="jobledger-tests-") as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from ledger.store import (
     EventStore,
     SealedEvent,
     StaleVersion,
+    event_args,
     seal,
 )
 from projections.job import Event, Job, Locked, Recorded, Submitted, Updated, apply, fold
@@ -75,23 +76,6 @@ async def create_job(store: EventStore, parameters: dict[str, Any] | None = None
     assert job is not None
     (sealed,) = await store.append(rec.job_uuid, 0, GENESIS_HASH, [rec], job)
     return job, sealed
-
-
-def event_args(sealed: SealedEvent) -> tuple[Any, ...]:
-    """The parameters of ``INSERT_EVENT`` for ``sealed``."""
-    rec = sealed.record
-    return (
-        rec.job_uuid,
-        rec.version,
-        sealed.event_type,
-        sealed.data,
-        rec.actor_user_uuid,
-        rec.actor_client_uuid,
-        rec.request_id,
-        parse_ts(rec.recorded_at),
-        sealed.prev_hash,
-        sealed.hash,
-    )
 
 
 async def table_contents(pool: asyncpg.Pool) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
