@@ -54,6 +54,9 @@ class Authenticator:
         token = presented_token(request)
         if token is None:
             raise ApiError(401, "Not logged in")
+        if not token.isascii() or not token.isprintable():
+            # Tokens are printable ASCII; anything else (invalid UTF-8 arrives as surrogates) cannot be one.
+            raise ApiError(401, "Not logged in: unknown token")
         info = await self._info(token)
         if info is None:
             raise ApiError(401, "Not logged in: unknown token")

@@ -20,7 +20,7 @@ from api.context import SETTINGS
 from api.errors import ApiError
 from api.methods import BASE_PATH, Method, Param, all_methods
 from api.params import MAX_BODY_BYTES
-from api.schemas import REF_PREFIX, json_schemas, schema_names
+from api.schemas import REF_PREFIX, json_schemas, openapi_schemas, schema_names
 
 DISCOVERY_PATHS: Final = ("/discovery/v1/apis/arvados/v1/rest", "/discovery/v1/apis/orvos/v1/rest")
 OPENAPI_PATH: Final = BASE_PATH + "openapi.json"
@@ -381,7 +381,7 @@ _SECURITY_SCHEMES: Final[dict[str, Any]] = {
 def render_openapi(root_url: str, methods: Iterable[Method] | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 document for clients reaching the service at ``root_url`` (ends with ``/``)."""
     methods = tuple(all_methods() if methods is None else methods)
-    schemas = _schemas_for(methods)
+    schemas = openapi_schemas(_schemas_for(methods))
     paths: dict[str, dict[str, Any]] = {}
     for method in methods:
         item = paths.setdefault(BASE_PATH + method.path, {})

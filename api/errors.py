@@ -70,7 +70,10 @@ def error_token() -> str:
 
 def error_response(status: int, messages: list[str], headers: dict[str, str] | None = None) -> web.Response:
     """An Orvos error body with ``status``."""
-    body = msgspec.json.encode({"errors": messages, "error_token": error_token()})
+    # Messages may quote the client's input, and invalid UTF-8 in a header arrives as lone surrogates, which
+    # no JSON encoder can write: replace them, or the error would itself fail (a 500).
+    safe = [message.encode("utf-8", "replace").decode() for message in messages]
+    body = msgspec.json.encode({"errors": safe, "error_token": error_token()})
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 

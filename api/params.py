@@ -93,13 +93,35 @@ def parse_int(params: Mapping[str, Any], name: str, default: int, *, minimum: in
 
 
 def parse_json_param(params: Mapping[str, Any], name: str) -> Any:
-    """A structured parameter, given as JSON text (or already decoded in a JSON body); None if absent."""
+    """A structured parameter, given as JSON text (or already decoded in a JSON body); None if absent.
+
+    A string holding NUL (``"\\u0000"``) anywhere in it is 422: PostgreSQL text cannot hold one, so such a
+    value reaching a query would fail there instead of matching nothing.
+    """
     if name not in params:
         return None
     value = params[name]
-    if not isinstance(value, str):
-        return value
-    try:
-        return msgspec.json.decode(value)
-    except (msgspec.DecodeError, UnicodeError, RecursionError):
-        raise ApiError(400, f"{name} parameter is not valid JSON") from None
+    if isinstance(value, str):
+        try:
+            value = msgspec.json.decode(value)
+        except (msgspec.DecodeError, UnicodeError, RecursionError):
+            raise ApiError(400, f"{name} parameter is not valid JSON") from None
+    if _holds_nul(value):
+        raise ApiError(422, f"{name} parameter must not contain NUL characters")
+    return value
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether any string in ``value``, key or item, contains NUL (iteratively: the value may be deep)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False

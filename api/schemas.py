@@ -268,6 +268,31 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     return copy.deepcopy(_components())
 
 
+SELECTION_SCHEMA: Final = "JobSelection"
+
+
+def openapi_schemas(schemas: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``schemas`` as the OpenAPI document declares them: a list's items may be partial jobs.
+
+    With ``select`` a list returns only the selected attributes (and ``kind``), so its items are a Job *or*
+    a ``JobSelection`` (a Job's attributes, none required). The discovery document keeps ``items: Job``: its
+    dialect has no ``anyOf``, and its clients do not validate responses.
+    """
+    out = dict(schemas)
+    job = schemas["Job"]
+    out[SELECTION_SCHEMA] = {
+        "type": "object",
+        "description": "A job with only the attributes named in select, and kind.",
+        "properties": copy.deepcopy(job["properties"]),
+    }
+    job_list = copy.deepcopy(schemas["JobList"])
+    job_list["properties"]["items"]["items"] = {
+        "anyOf": [{"$ref": REF_PREFIX + "Job"}, {"$ref": REF_PREFIX + SELECTION_SCHEMA}]
+    }
+    out["JobList"] = job_list
+    return out
+
+
 def schema_names() -> frozenset[str]:
     """The names ``Method.request`` and ``Method.response`` may use."""
     return frozenset(_components())

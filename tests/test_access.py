@@ -1,7 +1,8 @@
 """Contract tests of who may do what (CONTRACT §2), over HTTP against the real service.
 
-The role matrix: every role (user, auditor, dispatcher, admin) × every single-job method × the caller's own job
-and another's, each cell with its expected status, written out below. Then: unreadable jobs are 404 (never
+The role matrix: every role (user, auditor, dispatcher, admin), with a read-write and a read-only token, × every
+Jobs method of CONTRACT §3 (and a job's history and the event stream) × the caller's own job and another's,
+each cell with its expected status, written out below. Then: unreadable jobs are 404 (never
 403, and indistinguishable from jobs that do not exist), read-only tokens may read but writing is 403,
 missing, unknown and expired tokens are 401, the three ways of presenting a token, and tokens stored only
 hashed.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from datetime import UTC, datetime
 from typing import Final
 
@@ -19,8 +21,16 @@ from ledger.service import JobService
 from ledger.store import EventStore
 from tests.contract import COMMIT, assert_error, attributes, event_count, lock, start, submit
 from tests.harness import ApiClient, ServiceHarness
+from tests.stream_support import wait_until_sequenced
 
-METHODS: Final = ("get", "create", "update", "lock", "unlock", "start", "cancel", "finish")
+METHODS: Final = (
+    "list", "queue", "queue_size", "get", "get_as_of", "history", "events",
+    "create", "update", "put", "delete", "lock", "unlock", "start", "cancel", "finish",
+)  # fmt: skip
+READS: Final = frozenset({"list", "queue", "queue_size", "get", "get_as_of", "history", "events"})
+# For the collections (list, queue, the event stream): 200 and the job is in the answer, or HIDDEN: 200 and it
+# is not. queue_size counts everyone's backlog, so it has no own or other's: 200 for any reader.
+HIDDEN: Final = 0
 
 # EXPECTED[role][method] = (status on the caller's own job, status on another's job).
 #
@@ -32,9 +42,17 @@ METHODS: Final = ("get", "create", "update", "lock", "unlock", "start", "cancel"
 # state or lock (another's lock) is 422.
 EXPECTED: Final[dict[Role, dict[str, tuple[int, int]]]] = {
     "user": {
+        "list": (200, HIDDEN),
+        "queue": (200, HIDDEN),
+        "queue_size": (200, 200),
         "get": (200, 404),
+        "get_as_of": (200, 404),
+        "history": (200, 404),
+        "events": (200, HIDDEN),
         "create": (201, 201),
         "update": (200, 404),
+        "put": (200, 404),
+        "delete": (405, 405),
         "lock": (403, 404),
         "unlock": (403, 404),
         "start": (403, 404),
@@ -42,9 +60,17 @@ EXPECTED: Final[dict[Role, dict[str, tuple[int, int]]]] = {
         "finish": (403, 404),
     },
     "auditor": {
+        "list": (200, 200),
+        "queue": (200, 200),
+        "queue_size": (200, 200),
         "get": (200, 200),
+        "get_as_of": (200, 200),
+        "history": (200, 200),
+        "events": (200, 200),
         "create": (403, 403),
         "update": (403, 403),
+        "put": (403, 403),
+        "delete": (405, 405),
         "lock": (403, 403),
         "unlock": (403, 403),
         "start": (403, 403),
@@ -52,9 +78,17 @@ EXPECTED: Final[dict[Role, dict[str, tuple[int, int]]]] = {
         "finish": (403, 403),
     },
     "dispatcher": {
+        "list": (200, 200),
+        "queue": (200, 200),
+        "queue_size": (200, 200),
         "get": (200, 200),
+        "get_as_of": (200, 200),
+        "history": (200, 200),
+        "events": (200, 200),
         "create": (403, 403),
         "update": (403, 403),
+        "put": (403, 403),
+        "delete": (405, 405),
         "lock": (200, 200),
         "unlock": (200, 422),
         "start": (200, 422),
@@ -62,9 +96,17 @@ EXPECTED: Final[dict[Role, dict[str, tuple[int, int]]]] = {
         "finish": (200, 422),
     },
     "admin": {
+        "list": (200, 200),
+        "queue": (200, 200),
+        "queue_size": (200, 200),
         "get": (200, 200),
+        "get_as_of": (200, 200),
+        "history": (200, 200),
+        "events": (200, 200),
         "create": (201, 201),
         "update": (200, 200),
+        "put": (200, 200),
+        "delete": (405, 405),
         "lock": (200, 200),
         "unlock": (200, 200),
         "start": (200, 422),
@@ -86,12 +128,15 @@ class Matrix:
         self.other_dispatcher = other_dispatcher  # holds the locks of another's jobs
         self.jobs = JobService(EventStore(service.pool), service.settings.uuid_prefix)
         self.serial = 0
+        # Each user's read-write client: a read-only token's cells are set up with its user's other token.
+        self.writers: dict[str, ApiClient] = {}
 
     async def own_job(self, caller: ApiClient) -> str:
         """A job owned by ``caller``. Auditors and dispatchers cannot submit over HTTP, so theirs is put on the
         ledger directly, as if they had submitted it before their role changed."""
         self.serial += 1
         parameters = {"cell": self.serial}
+        caller = self.writers.get(caller.user_uuid, caller)
         if caller.role in ("user", "admin"):
             return (await submit(caller, script_parameters=parameters))["uuid"]
         as_owner = Caller(user_uuid=caller.user_uuid, role="admin", request_id=f"seed-{self.serial}")
@@ -105,7 +150,8 @@ class Matrix:
         """The job the cell's request is made on."""
         if own:
             uuid = await self.own_job(caller)
-            locker = caller if caller.role in ("dispatcher", "admin") else self.helper
+            writer = self.writers.get(caller.user_uuid, caller)
+            locker = writer if caller.role in ("dispatcher", "admin") else self.helper
         else:
             self.serial += 1
             uuid = (await submit(self.owner, script_parameters={"cell": self.serial}))["uuid"]
@@ -119,9 +165,31 @@ class Matrix:
     async def attempt(self, method: str, caller: ApiClient, own: bool) -> tuple[int, int]:
         """Make the cell's request; return its status and how many events it appended."""
         uuid = "" if method == "create" else await self.job_for(method, caller, own)
+        if method == "events":
+            await wait_until_sequenced(self.service.pool)  # so that the stream shows the job's events
         before = await event_count(self.service)
-        if method == "get":
+        only_this_job = {"filters": json.dumps([["uuid", "=", uuid]])}
+        if method in ("list", "queue"):
+            response = await caller.get("jobs" if method == "list" else "jobs/queue", params=only_this_job)
+            if response.status == 200 and not response.body["items"]:
+                return HIDDEN, await event_count(self.service) - before
+        elif method == "events":
+            stream_filter = {"filters": json.dumps([["job_uuid", "=", uuid]])}
+            response = await caller.get("events", params=stream_filter)
+            if response.status == 200 and not response.body["items"]:
+                return HIDDEN, await event_count(self.service) - before
+        elif method == "queue_size":
+            response = await caller.get("jobs/queue_size")
+        elif method == "get":
             response = await caller.get(f"jobs/{uuid}")
+        elif method == "get_as_of":
+            response = await caller.get(f"jobs/{uuid}", params={"as_of_version": "1"})
+        elif method == "history":
+            response = await caller.get(f"jobs/{uuid}/events")
+        elif method == "delete":
+            response = await caller.request("DELETE", f"jobs/{uuid}")
+        elif method == "put":
+            response = await caller.request("PUT", f"jobs/{uuid}", json={"job": {"priority": 8}})
         elif method == "create":
             self.serial += 1
             job = attributes(script_parameters={"cell": self.serial})
@@ -143,24 +211,39 @@ class Matrix:
         return response.status, await event_count(self.service) - before
 
 
+def read_only_expectation(method: str, read_write: int) -> int:
+    """What a read-only token of the same role gets: reads as before; a write 403, unless the job is not
+    readable at all (404: no existence leak) or the method never does anything (405)."""
+    if method in READS or read_write in (404, 405):
+        return read_write
+    return 403
+
+
 async def test_role_matrix(service: ServiceHarness) -> None:
     callers: dict[Role, ApiClient] = {role: await service.client(role) for role in EXPECTED}
     callers["admin"] = service.admin
+    read_only = {role: await service.token_for(client, read_only=True) for role, client in callers.items()}
     matrix = Matrix(
         service,
         owner=await service.client("user", name="another-user"),
         helper=await service.client("dispatcher", name="helper-dispatcher"),
         other_dispatcher=await service.client("dispatcher", name="other-dispatcher"),
     )
+    matrix.writers = {client.user_uuid: client for client in callers.values()}
     wrong = []
     for role, row in EXPECTED.items():
         assert set(row) == set(METHODS)
         for method, statuses in row.items():
             for own, expected in zip((True, False), statuses, strict=True):
-                status, appended = await matrix.attempt(method, callers[role], own)
-                expected_appended = 1 if expected in (200, 201) and method != "get" else 0
-                if (status, appended) != (expected, expected_appended):
-                    wrong.append(f"{role} {method} {'own' if own else 'other'}: {status} (+{appended} events)")
+                for token, caller, wanted in (
+                    ("read-write", callers[role], expected),
+                    ("read-only", read_only[role], read_only_expectation(method, expected)),
+                ):
+                    status, appended = await matrix.attempt(method, caller, own)
+                    expected_appended = 1 if wanted in (200, 201) and method not in READS else 0
+                    if (status, appended) != (wanted, expected_appended):
+                        cell = f"{role} ({token}) {method} {'own' if own else 'other'}"
+                        wrong.append(f"{cell}: {status} (+{appended} events), expected {wanted}")
     assert not wrong, "cells differing from the matrix:\n" + "\n".join(wrong)
 
 
@@ -301,3 +384,36 @@ async def test_tokens_are_stored_only_hashed(service: ServiceHarness) -> None:
         assert all(client.token not in row["row_text"] for row in rows)
         assert client.token.encode().hex() not in " ".join(row["row_text"] for row in rows)
         assert hashlib.sha256(client.token.encode()).digest() in digests
+
+
+async def test_tokens_never_reach_the_events_or_error_bodies(service: ServiceHarness) -> None:
+    """Whatever a request carries its token in, and whether it succeeds or is refused, the secret is written
+    to no event and echoed in no error."""
+    user = await service.client("user")
+    dispatcher = await service.client("dispatcher")
+    read_only = await service.token_for(user, read_only=True)
+    secrets = [client.token or "" for client in (user, dispatcher, read_only, service.admin)]
+    job = await submit(user)
+    await start(dispatcher, job["uuid"])
+    anonymous = service.anonymous()
+    responses = [
+        await anonymous.post(f"jobs/{job['uuid']}/finish", params={"api_token": dispatcher.token}, json={"x": 1}),
+        await anonymous.post("jobs", params={"api_token": user.token}, json={"job": attributes(submit_id="s")}),
+        await read_only.post("jobs", json={"job": attributes()}),
+        await anonymous.get("jobs", params={"api_token": user.token, "filters": "[["}),
+        await anonymous.get("jobs", params={"api_token": user.token, "limit": "x", "order": "no such"}),
+        await anonymous.get(f"jobs/{job['uuid']}", params={"api_token": user.token, "as_of": "then"}),
+        await anonymous.get("events", params={"api_token": user.token, "filters": '[["x", "=", 1]]'}),
+        await user.request("PATCH", f"jobs/{job['uuid']}", json={"job": {"priority": 1}}, headers={"If-Match": "x"}),
+        await service.with_token(f"{user.token}x").get("jobs"),
+        await anonymous.get("jobs", headers={"Authorization": f"Basic {user.token}"}),
+        await anonymous.post(f"jobs/{job['uuid']}/cancel", params={"api_token": user.token}),
+    ]
+    assert any(response.status < 400 for response in responses)
+    for response in responses:
+        if response.status >= 400:
+            text = json.dumps(response.body)
+            assert not any(secret in text for secret in secrets), response.body
+    rows = await service.pool.fetch("SELECT e::text AS row_text FROM events e")
+    assert len(rows) >= 4
+    assert not any(secret in row["row_text"] for row in rows for secret in secrets)
