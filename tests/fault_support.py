@@ -16,6 +16,7 @@ import aiohttp
 import asyncpg
 import msgspec
 
+from api.events import HEARTBEAT_SECONDS
 from ledger.asof import job_at_version
 from ledger.rebuild import check_read_model
 from tests.contract import COMMIT, ERROR_TOKEN, attributes
@@ -190,17 +191,42 @@ async def resilient_sse(
     sse: SseClient, *, done: asyncio.Event, target: list[int], faults: StreamFaults, pause: float = 0.2
 ) -> None:
     """Read the SSE stream until ``done`` and ``target[0]`` is reached, reconnecting (``Last-Event-ID``) after
-    every refusal or broken connection, as a browser's ``EventSource`` does."""
+    every refusal, end of stream or broken connection, as a browser's ``EventSource`` does.
+
+    A stream that stays silent (no event, no keep-alive) for longer than the service's heartbeat promises is
+    hung: that is recorded in ``faults.bad``, and the consumer reconnects.
+    """
     sse.tolerate_refusals = True
-    while not (done.is_set() and sse.last_id == str(target[0])):
+    silence_limit = HEARTBEAT_SECONDS + 2.0
+
+    def caught_up() -> bool:
+        return done.is_set() and sse.last_id == str(target[0])
+
+    while not caught_up():
+        reading = asyncio.create_task(sse.run_once())
+        seen, quiet_since = -1, time.monotonic()
         try:
-            if await sse.run_once(max_seconds=1.0) != "refused":
+            while not reading.done():
+                await asyncio.wait({reading}, timeout=0.1)
+                if seen != len(sse.items) + len(sse.comments):
+                    seen, quiet_since = len(sse.items) + len(sse.comments), time.monotonic()
+                elif time.monotonic() - quiet_since > silence_limit:
+                    faults.bad.append(f"SSE: silent for {silence_limit:g} s on an open stream (from {sse.last_id})")
+                    reading.cancel()
+                if caught_up():
+                    reading.cancel()
+        finally:
+            reading.cancel()  # also when this consumer itself is cancelled
+        try:
+            if await reading != "refused":
                 continue
             status, headers, body = sse.refusals[-1]
             faults.statuses[status] += 1
             problem = answer_problem(status, headers, body)
             if problem is not None:
                 faults.bad.append(f"SSE: {problem}")
+        except asyncio.CancelledError:
+            continue  # ``reading`` was cancelled above: caught up, or hung
         except (aiohttp.ClientError, TimeoutError) as exc:
             faults.broken[type(exc).__name__] += 1
         await asyncio.sleep(pause)
