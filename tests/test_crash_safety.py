@@ -97,7 +97,7 @@ async def test_sigkill_under_write_load_loses_nothing_acknowledged(
             f"\ncrash safety: {CLIENTS} clients, 1 SIGKILL; {acknowledged_before_kill} writes acknowledged before "
             f"it, {len(in_flight)} in flight at the kill ({len(unanswered)} never answered); "
             f"{len(load.unanswered)} unanswered creates retried; lost acknowledged writes: {len(lost)}; "
-            f"{head} events, dense; a new process sequencing {recovered:.2f} s after the kill"
+            f"{head} events, dense; restarted and sequencing again {recovered:.2f} s after the kill"
         )
         assert unanswered, "the kill caught no request in flight: the test proved nothing about them"
     finally:
