@@ -17,6 +17,7 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
+from ledger.database import CONNECTION_LOST
 from ledger.errors import DomainError, Forbidden, Invalid, NotFound, PreconditionFailed
 from ledger.service import Contention, random_base36
 
@@ -34,14 +35,7 @@ _DOMAIN_STATUS: Final[dict[type[DomainError], int]] = {
 
 # Failures that mean "the database is not there right now", not "this request is wrong".
 DATABASE_UNAVAILABLE: Final = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    # asyncpg's protocol state machine trips over a connection whose backend was terminated under it.
-    asyncpg.InternalClientError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.OperatorInterventionError,
+    *CONNECTION_LOST,
     asyncpg.QueryCanceledError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InsufficientResourcesError,

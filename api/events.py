@@ -20,7 +20,7 @@ from aiohttp import web
 
 from api.auth import authenticate
 from api.context import POOL
-from api.errors import ApiError
+from api.errors import DATABASE_UNAVAILABLE, ApiError
 from api.methods import Method, Param
 from api.params import parse_int, parse_json_param, request_parameters
 from ledger.access import Caller, reads_everything
@@ -302,16 +302,22 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
-    await response.prepare(request)
     loop = asyncio.get_running_loop()
     cursor = wanted.after
     page_size = max(wanted.limit, 1) if "limit" in params else SSE_PAGE  # a stream always moves on
+    # The first page is read before the response starts, so that a database away at connect time is a 503.
+    generation = notifier.generation
+    first: SharedPage | None = await wanted.read(request, cursor, page_size, generation)
+    await response.prepare(request)
     try:
         await _send(request, response, b"retry: %d\n: stream from position %d\n\n" % (_RETRY_MS, cursor))
         last_sent = loop.time()
         while not notifier.closed:
-            generation = notifier.generation
-            shared = await wanted.read(request, cursor, page_size, generation)
+            if first is None:
+                generation = notifier.generation
+                shared = await wanted.read(request, cursor, page_size, generation)
+            else:
+                shared, first = first, None
             page = shared.page
             if page.items:
                 await _send(request, response, shared.sse_frames())
@@ -326,6 +332,10 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             await notifier.wait(generation, min(POLL_SECONDS, max(HEARTBEAT_SECONDS - quiet_for, 0.0)))
     except ConsumerGone:
         return response
+    except DATABASE_UNAVAILABLE as exc:
+        # Too late for a 503 (the stream has begun): end it; the client resumes from its Last-Event-ID, and
+        # gets the 503 then if the database is still away.
+        _log.warning("event stream ended, the database is unavailable: %r", exc)
     return response
 
 

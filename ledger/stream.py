@@ -36,6 +36,10 @@ _COLUMNS: Final = (
     "p.position, e.id, e.job_uuid, e.version, e.event_type, e.data, e.actor_user_uuid, e.actor_client_uuid, "
     "e.request_id, e.recorded_at, e.prev_hash, e.hash"
 )
+# The listener's reconnection back-off stops doubling here: once the database is back, the listener is too
+# within this long (``/healthz`` reports it, and other processes' sequencing wakes consumers only through it);
+# one connection attempt every two seconds per process costs a server that is down nothing.
+MAX_RECONNECT_SECONDS: Final = 2.0
 HEAD: Final = "SELECT COALESCE((SELECT position FROM event_positions ORDER BY position DESC LIMIT 1), 0)"
 
 
@@ -310,4 +314,4 @@ class StreamNotifier:
                     with contextlib.suppress(Exception):
                         conn.terminate()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, MAX_RECONNECT_SECONDS)

@@ -63,6 +63,10 @@ class SseClient:
     items: list[dict[str, Any]] = field(default_factory=list)
     comments: list[bytes] = field(default_factory=list)
     connections: int = 0
+    # With ``tolerate_refusals``, an answer other than 200 is kept here (status, headers, decoded body) and
+    # ``run_once`` returns "refused", as a reconnecting client would take it; otherwise it fails the test.
+    tolerate_refusals: bool = False
+    refusals: list[tuple[int, Any, Any]] = field(default_factory=list)
 
     async def run_once(self, *, max_events: int | None = None, max_seconds: float | None = None) -> str:
         """Connect (resuming), read until ``max_events`` or ``max_seconds``, then hang up; say why it stopped."""
@@ -73,6 +77,9 @@ class SseClient:
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         got = 0
         async with self.session.get(self.url, headers=headers, params=self.params) as response:
+            if response.status != 200 and self.tolerate_refusals:
+                self.refusals.append((response.status, response.headers, await response.json(content_type=None)))
+                return "refused"
             assert response.status == 200, await response.text()
             assert response.headers["Content-Type"].startswith("text/event-stream")
             buffer = b""

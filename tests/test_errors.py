@@ -26,6 +26,7 @@ from tests.contract import (
     submit,
 )
 from tests.harness import ApiClient, Response, ServiceHarness
+from tests.stream_support import SseClient, eventually
 
 MISSING = "zzzzz-8i9sb-000000000000000"
 JSON = {"Content-Type": "application/json"}
@@ -406,6 +407,38 @@ async def test_503_with_retry_after_while_the_database_is_unavailable(service: S
     assert locked.status == 200, locked.body
     assert (await never_used.get(f"jobs/{uuid}")).status == 404
     assert await event_count(service) == before + 2
+
+
+async def test_an_event_stream_open_when_the_database_goes_away_ends_cleanly(
+    service: ServiceHarness, server_dsn: str
+) -> None:
+    auditor = await service.client("auditor")
+    await submit(await service.client("user"))
+    name = await service.pool.fetchval("SELECT current_database()")
+    sse = SseClient(service.session, service.base_url + "/orvos/v1/events/stream", auditor.token)
+    sse.tolerate_refusals = True
+    reading = asyncio.create_task(sse.run_once(max_seconds=10))
+    await eventually(lambda: bool(sse.items), "the stream open and sending")
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        await _wait_for_no_backends(admin, name)
+        # Its next read fails and the stream ends, properly: the 503 it can no longer send (the stream has begun)
+        # is not written into it, where no client could parse it and the connection was left hanging.
+        assert await asyncio.wait_for(reading, timeout=5) == "eof"
+        # Reconnecting while the database is away: a 503 with Retry-After, not a stream that ends at once.
+        assert await sse.run_once(max_seconds=5) == "refused"
+        status, headers, body = sse.refusals[-1]
+        assert_error(Response(status, headers, body), 503)
+        assert headers["Retry-After"].isdigit()
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    # Back: it resumes after its Last-Event-ID and gets what is new, once.
+    await submit(await service.client("user"))
+    assert await sse.run_once(max_events=1, max_seconds=10) == "count"
+    assert [item["position"] for item in sse.items] == [1, 2]
 
 
 async def test_x_request_id_is_echoed_or_generated(service: ServiceHarness) -> None:

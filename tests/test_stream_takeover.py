@@ -5,12 +5,8 @@ within a few seconds, and every consumer still sees every committed event exactl
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import random
 import signal
-import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +24,7 @@ from ledger.service import JobService
 from ledger.store import EventStore
 from ledger.users import create_token, create_user
 from tests.harness import ApiClient
+from tests.process_support import ServiceProcess, ServiceProcesses
 from tests.stream_support import (
     SseClient,
     assert_exactly_once,
@@ -40,76 +37,11 @@ TAKEOVER_LIMIT_SECONDS = 5.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class ServiceProcess:
-    """``jobledger serve`` in a subprocess of its own."""
-
-    def __init__(self, name: str, process: asyncio.subprocess.Process, port: int, log: Path) -> None:
-        self.name = name
-        self.process = process
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.log = log
-
-    async def health(self, session: aiohttp.ClientSession) -> dict[str, Any] | None:
-        """The ``/healthz`` report, or None while it does not answer."""
-        try:
-            async with session.get(self.base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=2)) as response:
-                if response.status != 200:
-                    return None
-                body: dict[str, Any] = await response.json()
-                return body
-        except (aiohttp.ClientError, TimeoutError):
-            return None
-
-    async def wait_for(self, session: aiohttp.ClientSession, what: str, within: float = 20.0) -> None:
-        """Wait until ``/healthz`` says ``stream.<what>`` is true."""
-
-        async def reported() -> bool:
-            assert self.process.returncode is None, f"{self.name} exited: {self.log.read_text()[-2000:]}"
-            report = await self.health(session)
-            return report is not None and bool(report["stream"][what])
-
-        await eventually(reported, f"{self.name}: stream.{what}", within)
-
-
 @pytest.fixture
 async def spawn(tmp_path: Path, database_dsn: str) -> AsyncIterator[Any]:
     """Start service processes on the test's database; every one is killed and reaped afterwards."""
-    processes: list[ServiceProcess] = []
-
-    async def start(name: str) -> ServiceProcess:
-        port = _free_port()
-        log = tmp_path / f"{name}.log"
-        env = {
-            **os.environ,
-            "DATABASE_URL": database_dsn,
-            "JOBLEDGER_DATA": str(tmp_path / name),
-            "JOBLEDGER_POOL_MIN": "1",
-            "JOBLEDGER_POOL_MAX": "6",
-        }
-        with log.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "api.cli", "serve", "--port", str(port),
-                cwd=ROOT, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
-        service = ServiceProcess(name, process, port, log)
-        processes.append(service)
-        return service
-
-    try:
-        yield start
-    finally:
-        for service in processes:
-            if service.process.returncode is None:
-                service.process.kill()
-            with contextlib.suppress(ProcessLookupError):
-                await asyncio.wait_for(service.process.wait(), timeout=10)
+    async with ServiceProcesses(tmp_path, database_dsn) as processes:
+        yield processes.start
 
 
 async def test_kill_the_sequencer_and_the_other_process_takes_over(

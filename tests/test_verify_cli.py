@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -13,6 +10,7 @@ import msgspec
 import pytest
 
 from ledger.checkpoint import sign_head
+from tests.process_support import jobledger
 from tests.provenance_support import Ledger, build_ledger
 
 
@@ -20,20 +18,6 @@ from tests.provenance_support import Ledger, build_ledger
 async def ledger(pool: asyncpg.Pool, database_dsn: str, tmp_path: Path) -> Ledger:
     """Three jobs, 13 events, sequenced and verified."""
     return await build_ledger(pool, database_dsn, tmp_path / "data")
-
-
-async def jobledger(*args: str, data: Path, dsn: str | None) -> tuple[int, str, str]:
-    """Run the CLI in another process; return (exit status, stdout, stderr)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "JOBLEDGER_SIGNING_KEY")}
-    env["JOBLEDGER_DATA"] = str(data)
-    if dsn is not None:
-        env["DATABASE_URL"] = dsn
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "api.cli", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_verify_export_checkpoint_and_offline_verify(ledger: Ledger, tmp_path: Path) -> None:
