@@ -21,7 +21,7 @@ and the environment. With no ``DATABASE_URL`` the parent starts the embedded Pos
 address to the children. The children run ``prometheus_client`` in multiprocess mode in a folder the parent
 makes and removes, so any worker's ``/metrics`` describes all of them (``api.metrics``).
 
-Lifecycle: SIGTERM or SIGINT to the parent is forwarded once to every worker, which shuts down gracefully
+Lifecycle: SIGTERM or SIGINT to the parent is forwarded once (as SIGTERM) to every worker, which shuts down gracefully
 (``api.cli``: in-flight requests finish, streams end, new connections are refused); a worker still running
 ``KILL_GRACE_SECONDS`` after the shutdown timeout is killed. Nothing is restarted: a worker that exits on its
 own (crash, failed start) is logged, the others are stopped gracefully, and the parent exits non-zero, so
@@ -125,14 +125,16 @@ class Supervisor:
             _log.info("already stopping; waiting for the workers (they are killed after the shutdown timeout)")
             return
         _log.info("received %s: stopping the workers", signal.Signals(signum).name)
-        self._stop(signum)
+        self._stop()
 
-    def _stop(self, signum: int) -> None:
+    def _stop(self) -> None:
+        # Always SIGTERM, whatever the parent got: the workers shut down the same way on either, and one still
+        # starting (before run_app handles signals) simply ends, where SIGINT would print a KeyboardInterrupt.
         self.stopping = True
         self.kill_at = time.monotonic() + self.shutdown_timeout + KILL_GRACE_SECONDS
         for worker in self.workers:
             if worker.process.poll() is None:
-                worker.process.send_signal(signum)
+                worker.process.send_signal(signal.SIGTERM)
 
     def _wait(self) -> None:
         while True:
@@ -163,9 +165,10 @@ class Supervisor:
         mark_process_dead(worker.process.pid, self.env[MULTIPROCESS_ENV])  # its live gauges leave the scrape
         status = 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + signal number
         if self.stopping:
-            log = _log.info if code == 0 else _log.warning
+            stopped = code in (0, -signal.SIGTERM)  # shut down, or ended by our SIGTERM before it could handle it
+            log = _log.info if stopped else _log.warning
             log("worker %d (pid %d) exited with status %d", worker.index, worker.process.pid, status)
-            if code != 0:
+            if not stopped:
                 self.status = self.status or status
             return
         _log.error(
@@ -175,7 +178,7 @@ class Supervisor:
             status,
         )
         self.status = status or 1
-        self._stop(signal.SIGTERM)
+        self._stop()
 
 
 def serve_workers(workers: int, argv: Sequence[str], sock: socket.socket, dsn: str, shutdown_timeout: float) -> int:

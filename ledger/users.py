@@ -90,7 +90,7 @@ async def _ensure_client(conn: asyncpg.Connection, name: str, uuid_prefix: str) 
 
 
 async def create_token(
-    pool: asyncpg.Pool,
+    db: asyncpg.Pool | asyncpg.Connection,
     user_uuid: str,
     uuid_prefix: str,
     *,
@@ -98,23 +98,16 @@ async def create_token(
     expires_in: float | None = None,
     client_name: str = DEFAULT_CLIENT,
 ) -> IssuedToken:
-    """Issue a token for a user, on behalf of the named API client (created if new)."""
-    async with pool.acquire() as conn, conn.transaction():
-        return await _insert_token(
-            conn, user_uuid, uuid_prefix, read_only=read_only, expires_in=expires_in, client_name=client_name
-        )
+    """Issue a token for a user, on behalf of the named API client (created if new).
 
-
-async def _insert_token(
-    conn: asyncpg.Connection,
-    user_uuid: str,
-    uuid_prefix: str,
-    *,
-    read_only: bool = False,
-    expires_in: float | None = None,
-    client_name: str = DEFAULT_CLIENT,
-) -> IssuedToken:
-    """``create_token``'s writes, in the caller's transaction."""
+    ``db``: a pool (the token gets a transaction of its own) or a connection (in the caller's transaction).
+    """
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn, conn.transaction():
+            return await create_token(
+                conn, user_uuid, uuid_prefix, read_only=read_only, expires_in=expires_in, client_name=client_name
+            )
+    conn = db
     secret = _new_secret()
     expires_at = None if expires_in is None else datetime.now(UTC) + timedelta(seconds=expires_in)
     uuid = new_uuid(uuid_prefix, "gj3su")
@@ -176,4 +169,4 @@ async def bootstrap_admin(pool: asyncpg.Pool, uuid_prefix: str) -> IssuedToken |
             return None
         uuid = new_uuid(uuid_prefix, "tpzed")
         await conn.execute("INSERT INTO users (uuid, name, role) VALUES ($1, 'admin', 'admin')", uuid)
-        return await _insert_token(conn, uuid, uuid_prefix)
+        return await create_token(conn, uuid, uuid_prefix)
