@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 from urllib.parse import urlencode
 
 import msgspec
@@ -26,16 +26,30 @@ _REDACTED_PARAMS: Final = frozenset({"api_token"})
 
 
 def _query(request: web.Request) -> str | None:
-    if not request.query_string:
+    raw = request.query_string
+    if not raw:
         return None
+    if "api_token" not in raw and "%" not in raw:
+        return raw  # no parameter can decode to api_token: as sent
     return urlencode([(key, value) for key, value in request.query.items() if key not in _REDACTED_PARAMS])
+
+
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text: strftime costs ~8 µs a call
+
+
+def _now() -> str:
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second[:] = [whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))]
+    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
 
 
 def access_record(request: web.Request, status: int, seconds: float, worker: int) -> dict[str, object]:
     """The fields of the request's access-log line."""
     caller = request.get(CALLER)
     return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "time": _now(),
         "method": request.method,
         "path": request.path,
         "query": _query(request),
@@ -51,7 +65,10 @@ def access_record(request: web.Request, status: int, seconds: float, worker: int
 def log_request(request: web.Request, status: int, seconds: float, worker: int) -> None:
     """Write the request's access-log line (nothing is built when the logger is off)."""
     if _log.isEnabledFor(logging.INFO):
-        _log.info(msgspec.json.encode(access_record(request, status, seconds, worker)).decode())
+        line = msgspec.json.encode(access_record(request, status, seconds, worker)).decode()
+        # What _log.info does, less finding the caller's file and line in the stack (a third of its cost, and
+        # always this function); the logger's handlers, filters and propagation apply as usual.
+        _log.handle(_log.makeRecord(LOGGER_NAME, logging.INFO, __file__, 0, line, None, None))
 
 
 def configure_access_log(enabled: bool, stream: TextIO | None = None) -> None:
