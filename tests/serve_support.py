@@ -95,19 +95,22 @@ async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
 
 @contextlib.asynccontextmanager
 async def serve(
-    tmp_path: Path, database_dsn: str, *args: str, env: dict[str, str] | None = None
+    tmp_path: Path, database_dsn: str | None, *args: str, env: dict[str, str] | None = None
 ) -> AsyncIterator[ServeProcess]:
-    """Run ``jobledger serve --port <free> <args>`` on ``database_dsn``; killed (and reaped) on the way out."""
+    """Run ``jobledger serve --port <free> <args>`` on ``database_dsn`` (None: no ``DATABASE_URL``, so the
+    embedded PostgreSQL in ``JOBLEDGER_DATA``); killed (and reaped) on the way out."""
     port = free_port()
     stderr_path = tmp_path / f"serve-{port}.stderr"
     full_env = {
         **os.environ,
-        "DATABASE_URL": database_dsn,
         "JOBLEDGER_DATA": str(tmp_path / f"data-{port}"),
         "JOBLEDGER_POOL_MIN": "1",
         "JOBLEDGER_POOL_MAX": "8",
         **(env or {}),
     }
+    full_env.pop("DATABASE_URL", None)
+    if database_dsn is not None:
+        full_env["DATABASE_URL"] = database_dsn
     with stderr_path.open("wb") as err:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "api.cli", "serve", "--port", str(port), *args,

@@ -6,7 +6,10 @@ replay, ``/metrics`` sums both workers, and SIGTERM to the parent stops everythi
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import signal
+import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.observe import WORKER_HEADER
 from ledger.config import Settings
 from ledger.database import create_pool
+from ledger.embedded import EmbeddedPostgres
 from ledger.rebuild import check_read_model
 from ledger.users import bootstrap_admin, create_token, create_user
 from tests.serve_support import ServeProcess, serve
@@ -213,3 +217,31 @@ async def _metrics_sum_both_workers(server: ServeProcess, session: aiohttp.Clien
         assert sorted(value for _, value in leaders) == [0.0, 1.0], (worker, leaders)
         assert len({labels["pid"] for labels, _ in leaders}) == 2
         assert _samples(text, "jobledger_stream_head_position") == [({}, float(events))]
+
+
+@pytest.mark.slow
+async def test_without_database_url_the_parent_runs_the_embedded_postgres_once(tmp_path: Path) -> None:
+    # A folder of its own under the system temporary folder, as ledger.embedded.temporary_server uses: as root,
+    # pgserver makes the parents of its data folder world-readable.
+    data = Path(tempfile.mkdtemp(prefix="jobledger-workers-"))
+    fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+    try:
+        async with serve(tmp_path, None, "--workers", "2", env={"JOBLEDGER_DATA": str(data)}) as server:
+            await server.wait_healthy(fresh)
+
+            async def health_round() -> list[str]:
+                reports = await asyncio.gather(*(server.health(fresh) for _ in range(8)))
+                return [str(report["process"]["worker"]) for report in reports if report is not None]
+
+            await _until_both(health_round, "/healthz")
+            assert len(server.admin_tokens()) == 1
+            # pgserver records every process that started (or attached to) the server: only the parent did.
+            assert json.loads((data / "pgdata" / ".handle_pids.json").read_text()) == [server.process.pid]
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.wait_exit(60) == 0, server.stderr()[-3000:]
+            assert not (data / "pgdata" / "postmaster.pid").exists()  # and the parent stopped it
+    finally:
+        await fresh.close()
+        if (data / "pgdata" / "postmaster.pid").exists():  # only if the test failed with the server up
+            EmbeddedPostgres(data).force_stop()
+        shutil.rmtree(data, ignore_errors=True)
