@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Final
@@ -14,14 +16,15 @@ from api.context import JOBS, POOL, SETTINGS, STORE
 from api.discovery import add_document_routes
 from api.errors import error_middleware
 from api.events import NOTIFIER, SEQUENCER, end_streams
-from api.health import healthz
+from api.health import healthz, metrics_endpoint
 from api.methods import add_routes
+from api.metrics import METRICS, MeteredEventStore, Metrics, follow_sequencer
+from api.observe import WORKER, add_worker_header, observe_middleware
 from api.params import MAX_BODY_BYTES
 from ledger.config import Settings
 from ledger.database import apply_schema, create_pool
 from ledger.sequencer import Sequencer
 from ledger.service import JobService
-from ledger.store import EventStore
 from ledger.stream import StreamNotifier
 from ledger.users import IssuedToken, bootstrap_admin
 
@@ -44,7 +47,7 @@ def _database(dsn: str) -> Callable[[web.Application], AsyncIterator[None]]:
             issued = await bootstrap_admin(pool, settings.uuid_prefix)
             if issued is not None:
                 app[ADMIN_TOKEN_SINK](issued)
-            store = EventStore(pool)
+            store = MeteredEventStore(pool, app[METRICS].appended)
             app[POOL] = pool
             app[STORE] = store
             app[JOBS] = JobService(store, settings.uuid_prefix)
@@ -55,9 +58,13 @@ def _database(dsn: str) -> Callable[[web.Application], AsyncIterator[None]]:
             store.on_append = sequencer.poke
             notifier.start()
             sequencer.start()
+            leader_flag = asyncio.create_task(follow_sequencer(app[METRICS], lambda: sequencer.is_leader))
             try:
                 yield
             finally:
+                leader_flag.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await leader_flag
                 await sequencer.stop()
                 await notifier.stop()
         finally:
@@ -67,11 +74,20 @@ def _database(dsn: str) -> Callable[[web.Application], AsyncIterator[None]]:
 
 
 def create_app(
-    settings: Settings, dsn: str, *, admin_token_sink: Callable[[IssuedToken], None] = _announce_admin
+    settings: Settings,
+    dsn: str,
+    *,
+    admin_token_sink: Callable[[IssuedToken], None] = _announce_admin,
+    worker: int = 0,
 ) -> web.Application:
-    """The service as an aiohttp application on the database at ``dsn``."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    """The service as an aiohttp application on the database at ``dsn`` (``worker``: its index under
+    ``serve --workers N``, reported in ``X-Jobledger-Worker``, ``/healthz`` and the access log)."""
+    # observe_middleware outermost: it sees the status the error middleware rendered.
+    app = web.Application(middlewares=[observe_middleware, error_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
+    app[WORKER] = worker
+    app[METRICS] = Metrics()
+    app.on_response_prepare.append(add_worker_header)
     app[ADMIN_TOKEN_SINK] = admin_token_sink
     app.cleanup_ctx.append(_database(dsn))
     app.on_shutdown.append(end_streams)
@@ -79,4 +95,5 @@ def create_app(
     add_routes(app)
     add_document_routes(app)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_endpoint)
     return app

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 from aiohttp import web
@@ -18,6 +18,8 @@ from ledger.access import Caller
 from ledger.users import TokenInfo, lookup_token, token_digest
 
 CACHE_SECONDS: Final = 2.0
+# The authenticated caller, kept on the request for the access log.
+CALLER: Final[Any] = web.RequestKey("caller", Caller) if hasattr(web, "RequestKey") else "caller"
 _CACHE_LIMIT: Final = 10_000
 
 
@@ -62,7 +64,7 @@ class Authenticator:
             raise ApiError(401, "Not logged in: unknown token")
         if info.expires_at is not None and info.expires_at <= datetime.now(UTC):
             raise ApiError(401, "Not logged in: token expired")
-        return Caller(
+        caller = Caller(
             user_uuid=info.user_uuid,
             role=info.role,
             api_client_uuid=info.api_client_uuid,
@@ -70,6 +72,8 @@ class Authenticator:
             read_only=info.read_only,
             request_id=request.get(REQUEST_ID, ""),
         )
+        request[CALLER] = caller
+        return caller
 
 
 AUTHENTICATOR: Final = web.AppKey("authenticator", Authenticator)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -70,9 +71,41 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             return 2
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+    from api.access_log import configure_access_log
+    from api.workers import bind, serve_workers, watch_parent
+    from ledger.signing import SigningKeyError, load_or_create_signing_key
+
+    configure_access_log(not args.no_access_log)
+    if args.workers < 1:
+        print("jobledger: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        try:
+            sock = bind(args.host, args.port)
+        except OSError as exc:
+            print(f"jobledger: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        try:
+            # Made (or found missing) once here, rather than by N workers racing to report the same thing.
+            load_or_create_signing_key(settings)
+        except SigningKeyError as exc:
+            print(f"jobledger: {exc}", file=sys.stderr)
+            return 2
+        with database_url(settings) as dsn:
+            return serve_workers(args.workers, args.argv, sock, dsn, args.shutdown_timeout)
+    # A worker of serve --workers N accepts on its parent's socket; otherwise the process binds its own.
+    where: dict[str, Any] = {"host": args.host, "port": args.port}
+    if args.listen_fd is not None:
+        where = {"sock": socket.socket(fileno=args.listen_fd)}
     with database_url(settings) as dsn:
-        app = create_app(settings, dsn)
-        web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context, print=None, access_log=None)
+        app = create_app(settings, dsn, worker=args.worker_index)
+        if args.parent_fd is not None:
+            watch_parent(app, args.parent_fd)
+        # On SIGTERM/SIGINT run_app stops accepting, closes idle connections, wakes the event stream's waiters
+        # (they answer at once), waits up to shutdown_timeout for the requests in flight, then closes the pool.
+        web.run_app(
+            app, **where, ssl_context=ssl_context, print=None, access_log=None, shutdown_timeout=args.shutdown_timeout
+        )
     return 0
 
 
@@ -292,6 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    serve.add_argument("--workers", type=int, default=1, help="service processes sharing the port (default 1)")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long requests in flight may take to finish (default 30)",
+    )
+    serve.add_argument("--no-access-log", action="store_true", help="do not log a JSON line per request")
+    serve.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # set by --workers for its children
+    serve.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     rebuild = commands.add_parser("rebuild", help="re-fold the read model from the events")
@@ -334,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jobledger`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # serve --workers runs its children with the same command line
     try:
         settings = Settings.from_env()
     except ValueError as exc:

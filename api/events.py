@@ -22,6 +22,7 @@ from api.auth import authenticate
 from api.context import POOL
 from api.errors import DATABASE_UNAVAILABLE, ApiError
 from api.methods import Method, Param
+from api.metrics import stream_consumer
 from api.params import parse_int, parse_json_param, request_parameters
 from ledger.access import Caller, reads_everything
 from ledger.sequencer import Sequencer
@@ -222,6 +223,7 @@ def _closing(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
+@stream_consumer("long_poll")
 async def list_events(request: web.Request) -> web.Response:
     """GET events: the events after ``after``, waiting up to ``wait`` seconds for one if there are none yet."""
     caller = await authenticate(request)
@@ -293,6 +295,7 @@ def _last_event_id(request: web.Request, params: dict[str, Any]) -> int:
     return parse_int({"Last-Event-ID": given}, "Last-Event-ID", 0)
 
 
+@stream_consumer("sse")
 async def stream_events(request: web.Request) -> web.StreamResponse:
     """GET events/stream: Server-Sent Events from ``Last-Event-ID`` (or ``after``), until the client leaves."""
     caller = await authenticate(request)

@@ -7,15 +7,18 @@ stop it at the end. Each run works in scratch databases of its own (``bench_*``)
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -263,3 +266,37 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
     dashes = ["-" * (w + 1) + ":" if num else "-" * (w + 2) for w, num in zip(widths, numeric, strict=True)]
     return "\n".join([line(headers), "|" + "|".join(dashes) + "|", *(line(r) for r in text)])
+
+
+def report_header(module: str, version: str, shared_by: str) -> list[str]:
+    """A report's first lines: the date, the exact command and its target, the server and the CPUs."""
+    command = f"python -m bench.{module} " + " ".join(sys.argv[1:])
+    target = "DATABASE_URL" if os.environ.get("DATABASE_URL") else "embedded PostgreSQL"
+    return [
+        f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  ",
+        f"Command: `{command}` against {target}  ",
+        f"Server: {version}; CPUs: {os.cpu_count()} (shared by {shared_by})  ",
+    ]
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+def int_list(text: str) -> list[int]:
+    """``1,8,32`` → ``[1, 8, 32]``, for comma-separated options."""
+    return [int(part) for part in text.split(",")]
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, seconds: float = 5.0, repeat: int = 3) -> None:
+    """``--seconds``, ``--repeat`` and ``--warmup``, as every load benchmark takes them."""
+    parser.add_argument(
+        "--seconds", type=float, default=seconds, help=f"measured seconds per run (default {seconds:g})"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=repeat, help=f"repeats; the median is reported (default {repeat})"
+    )
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each run (default 1)")
+
+
+def bench_main(benchmark: Callable[[str, argparse.Namespace], Awaitable[str]], args: argparse.Namespace) -> None:
+    """Run ``benchmark`` on the benchmark server (``postgres_server``) and print its report."""
+    with postgres_server() as dsn:
+        print(asyncio.run(benchmark(dsn, args)))

@@ -90,7 +90,7 @@ async def _ensure_client(conn: asyncpg.Connection, name: str, uuid_prefix: str) 
 
 
 async def create_token(
-    pool: asyncpg.Pool,
+    db: asyncpg.Pool | asyncpg.Connection,
     user_uuid: str,
     uuid_prefix: str,
     *,
@@ -98,24 +98,32 @@ async def create_token(
     expires_in: float | None = None,
     client_name: str = DEFAULT_CLIENT,
 ) -> IssuedToken:
-    """Issue a token for a user, on behalf of the named API client (created if new)."""
+    """Issue a token for a user, on behalf of the named API client (created if new).
+
+    ``db``: a pool (the token gets a transaction of its own) or a connection (in the caller's transaction).
+    """
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn, conn.transaction():
+            return await create_token(
+                conn, user_uuid, uuid_prefix, read_only=read_only, expires_in=expires_in, client_name=client_name
+            )
+    conn = db
     secret = _new_secret()
     expires_at = None if expires_in is None else datetime.now(UTC) + timedelta(seconds=expires_in)
     uuid = new_uuid(uuid_prefix, "gj3su")
-    async with pool.acquire() as conn, conn.transaction():
-        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users WHERE uuid = $1)", user_uuid):
-            raise UnknownUser(f"no user {user_uuid}")
-        client_uuid = await _ensure_client(conn, client_name, uuid_prefix)
-        await conn.execute(
-            """INSERT INTO api_tokens (uuid, token_sha256, user_uuid, api_client_uuid, read_only, expires_at)
-               VALUES ($1, $2, $3, $4, $5, $6)""",
-            uuid,
-            token_digest(secret),
-            user_uuid,
-            client_uuid,
-            read_only,
-            expires_at,
-        )
+    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users WHERE uuid = $1)", user_uuid):
+        raise UnknownUser(f"no user {user_uuid}")
+    client_uuid = await _ensure_client(conn, client_name, uuid_prefix)
+    await conn.execute(
+        """INSERT INTO api_tokens (uuid, token_sha256, user_uuid, api_client_uuid, read_only, expires_at)
+           VALUES ($1, $2, $3, $4, $5, $6)""",
+        uuid,
+        token_digest(secret),
+        user_uuid,
+        client_uuid,
+        read_only,
+        expires_at,
+    )
     return IssuedToken(
         uuid=uuid,
         token=secret,
@@ -146,11 +154,19 @@ async def lookup_token(pool: asyncpg.Pool, secret: str) -> TokenInfo | None:
 
 
 async def bootstrap_admin(pool: asyncpg.Pool, uuid_prefix: str) -> IssuedToken | None:
-    """On a database with no users, create an ``admin`` user and a token for it; otherwise do nothing."""
-    async with pool.acquire() as conn, conn.transaction():
+    """On a database with no users, create an ``admin`` user and a token for it; otherwise do nothing.
+
+    Safe when several service processes start at once on an empty database: exactly one creates the admin.
+    They queue on a transaction-scoped advisory lock, and the transaction is explicitly READ COMMITTED so the
+    check after the lock sees a winner's commit: under REPEATABLE READ or SERIALIZABLE (a database's
+    ``default_transaction_isolation`` may say so) the snapshot would be taken by the lock statement itself,
+    before the wait, and every loser would try to insert a second ``admin`` too. The user and its token
+    commit together, so a crash can never leave an admin that nobody holds a token for.
+    """
+    async with pool.acquire() as conn, conn.transaction(isolation="read_committed"):
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _BOOTSTRAP_LOCK_KEY)
         if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users)"):
             return None
         uuid = new_uuid(uuid_prefix, "tpzed")
         await conn.execute("INSERT INTO users (uuid, name, role) VALUES ($1, 'admin', 'admin')", uuid)
-    return await create_token(pool, uuid, uuid_prefix)
+        return await create_token(conn, uuid, uuid_prefix)
