@@ -21,7 +21,7 @@ from ledger.database import create_pool
 from ledger.rebuild import check_read_model
 from ledger.users import create_token, create_user
 from tests.harness import ApiClient
-from tests.serve_support import ServeProcess, serve
+from tests.process_support import ServiceProcess, serve
 from tests.stream_support import SseClient, eventually
 
 # The held create must outlast the test's checks, not the service's own bounds on waiting for a lock.
@@ -29,7 +29,7 @@ HOLD_SECONDS = 1.5
 SLOW_ENV = {"JOBLEDGER_LOCK_TIMEOUT_MS": "30000", "JOBLEDGER_STATEMENT_TIMEOUT_MS": "30000"}
 
 
-async def _consumers(server: ServeProcess, session: aiohttp.ClientSession) -> dict[str, float]:
+async def _consumers(server: ServiceProcess, session: aiohttp.ClientSession) -> dict[str, float]:
     async with session.get(server.base_url + "/metrics") as response:
         text = await response.text()
     return {
@@ -121,5 +121,5 @@ async def test_sigterm_lets_requests_in_flight_finish(
         await pool.close()
 
 
-async def _consumers_are(server: ServeProcess, session: aiohttp.ClientSession, expected: dict[str, float]) -> bool:
+async def _consumers_are(server: ServiceProcess, session: aiohttp.ClientSession, expected: dict[str, float]) -> bool:
     return await _consumers(server, session) == expected

@@ -27,7 +27,7 @@ from ledger.database import create_pool
 from ledger.embedded import EmbeddedPostgres
 from ledger.rebuild import check_read_model
 from ledger.users import bootstrap_admin, create_token, create_user
-from tests.serve_support import ServeProcess, serve
+from tests.process_support import ServiceProcess, serve
 from tests.stream_support import wait_until_sequenced
 
 JOBS = 60
@@ -117,7 +117,7 @@ async def test_two_workers_share_the_port_and_every_guarantee_holds(
 
 
 async def _creates_and_lock_races(
-    server: ServeProcess, session: aiohttp.ClientSession, pool: asyncpg.Pool, settings: Settings
+    server: ServiceProcess, session: aiohttp.ClientSession, pool: asyncpg.Pool, settings: Settings
 ) -> None:
     prefix = settings.uuid_prefix
     user = await create_user(pool, "workers-user", "user", prefix)
@@ -167,7 +167,7 @@ async def _worker_of(request: Awaitable[tuple[str, str]]) -> str:
 
 
 async def _stream_is_dense_and_read_model_replays(
-    server: ServeProcess, session: aiohttp.ClientSession, pool: asyncpg.Pool
+    server: ServiceProcess, session: aiohttp.ClientSession, pool: asyncpg.Pool
 ) -> None:
     head = await wait_until_sequenced(pool)
     assert head == await pool.fetchval("SELECT count(*) FROM events")
@@ -186,7 +186,7 @@ async def _stream_is_dense_and_read_model_replays(
     assert await check_read_model(pool) is None
 
 
-async def _metrics_sum_both_workers(server: ServeProcess, session: aiohttp.ClientSession, pool: asyncpg.Pool) -> None:
+async def _metrics_sum_both_workers(server: ServiceProcess, session: aiohttp.ClientSession, pool: asyncpg.Pool) -> None:
     events = await pool.fetchval("SELECT count(*) FROM events")
     scrapes: dict[str, str] = {}
 
