@@ -195,21 +195,29 @@ async def test_list_filters_orders_and_pages(sdk_service: SdkService) -> None:
     assert sorted(item["uuid"] for item in every) == sorted(expected)
 
 
-async def test_a_long_list_travels_as_post_with_method_override(sdk_service: SdkService) -> None:
-    _, api = await sdk_service.user()
+async def test_long_queries_travel_as_post_with_method_override(sdk_service: SdkService) -> None:
+    user, api = await sdk_service.user()
     job = await sdk(lambda: api.jobs().create(body={"job": JOB}).execute())
-    # Over googleapiclient's 2048-character URL limit: it sends POST jobs, X-HTTP-Method-Override: GET, and
-    # the query in the body.
+    # Over googleapiclient's 2048-character URL limit it sends POST, X-HTTP-Method-Override: GET, and the query
+    # in a form body: for jobs.list, and for every other GET method with long parameters.
     many = [job["uuid"]] + [f"zzzzz-8i9sb-{n:015d}" for n in range(150)]
     request = await sdk(lambda: api.jobs().list(filters=[["uuid", "in", many]]))
-    assert len(request.uri) + len(request.body or "") > 2048
-    before = len(sdk_service.requests_to("jobs"))
+    assert len(request.uri) > 2048  # googleapiclient switches to POST when it executes the request
     listed = await sdk(request.execute)
-    assert [item["uuid"] for item in listed["items"]] == [job["uuid"]]
     assert listed["kind"] == "orvos#jobList"
-    assert sdk_service.requests_to("jobs")[before:] == [SeenRequest("POST", "/orvos/v1/jobs", "GET", 200)]
-    count = await sdk(lambda: api.jobs().list(count="exact", limit=0).execute())
-    assert count["items_available"] == 1  # a list, not a create
+    assert [item["uuid"] for item in listed["items"]] == [job["uuid"]]
+    queued = await sdk(lambda: api.jobs().queue(filters=[["uuid", "in", many]]).execute())
+    assert [item["uuid"] for item in queued["items"]] == [job["uuid"]]
+    # wait: the long poll answers as soon as the submitted event has its position.
+    events = await sdk(lambda: api.events().list(filters=[["job_uuid", "in", many]], wait=20).execute())
+    assert [(event["job_uuid"], event["event_type"]) for event in events["items"]] == [(job["uuid"], "submitted")]
+    tunnelled = [SeenRequest("POST", "/orvos/v1/" + path, "GET", 200) for path in ("jobs", "jobs/queue", "events")]
+    assert [seen for seen in sdk_service.seen if seen.override] == tunnelled
+    count = await sdk(lambda: api.jobs().list(limit=0).execute())
+    assert count["items_available"] == 1  # lists, not creates
+    # Only a GET tunnels: a plain POST, or another override, to a GET-only path is still 405.
+    assert (await user.post("jobs/queue", data={"limit": "1"})).status == 405
+    assert (await user.post("events", headers={"X-HTTP-Method-Override": "DELETE"})).status == 405
 
 
 async def test_update_changes_the_supplied_attributes(sdk_service: SdkService) -> None:
