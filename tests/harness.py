@@ -147,7 +147,7 @@ async def start_service(
     await site.start()
     port = runner.addresses[0][1]
     base_url = f"{'http' if tls is None else 'https'}://127.0.0.1:{port}"
-    connector = aiohttp.TCPConnector(limit=100, ssl=True if tls is None else tls.client)
+    connector = aiohttp.TCPConnector(limit=100) if tls is None else aiohttp.TCPConnector(limit=100, ssl=tls.client)
     session = aiohttp.ClientSession(connector=connector)
     admin = ApiClient(session, base_url, issued[0].token, issued[0].user_uuid, "admin")
     return ServiceHarness(base_url, app[POOL], settings, admin, session, runner)
