@@ -73,12 +73,8 @@ class SdkService:
         return self.harness.base_url.removeprefix("https://")
 
     async def api(self, token: str, **options: Any) -> Any:
-        """``arvados.api('v1', host=..., token=...)``, built in a worker thread: it fetches the discovery
-        document at once (its KeepClient asks the client for things), and each other thread that uses the
-        client builds its own (``ThreadSafeAPIClient``)."""
-        # cache=False: no discovery document left in ~/.cache/arvados by a test.
-        options = {"cache": False, "num_retries": NUM_RETRIES, "timeout": TIMEOUT, **options}
-        return await sdk(lambda: arvados.api("v1", host=self.host, token=token, **options))
+        """An SDK client for this service holding ``token`` (see ``connect``)."""
+        return await connect(self.host, token, **options)
 
     async def user(self, role: str = "user", **options: Any) -> tuple[ApiClient, Any]:
         """A new user of ``role``: the harness's client (uuid, token) and an SDK client holding its token."""
@@ -94,6 +90,15 @@ class SdkService:
 async def sdk(call: Callable[[], T]) -> T:
     """Run a blocking SDK call in a worker thread (the service runs on this loop)."""
     return await asyncio.to_thread(call)
+
+
+async def connect(host: str, token: str, **options: Any) -> Any:
+    """``arvados.api('v1', host=..., token=...)``, built in a worker thread: it fetches the discovery document
+    at once (its KeepClient asks the client for things), and each other thread that uses the client builds
+    its own (``ThreadSafeAPIClient``)."""
+    # cache=False: no discovery document left in ~/.cache/arvados by a test.
+    options = {"cache": False, "num_retries": NUM_RETRIES, "timeout": TIMEOUT, **options}
+    return await sdk(lambda: arvados.api("v1", host=host, token=token, **options))
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +368,7 @@ async def test_the_sdk_verifies_the_certificate_unless_told_insecure(
 
 
 @contextlib.contextmanager
-def serving(tmp_path: Path, dsn: str, port: int, *tls_args: str) -> Iterator[Any]:
+def serving(tmp_path: Path, dsn: str, port: int, *tls_args: str) -> Iterator[subprocess.Popen[bytes]]:
     """``jobledger serve`` in a subprocess; killed and reaped on the way out."""
     env = {**os.environ, "DATABASE_URL": dsn, "JOBLEDGER_DATA": str(tmp_path / "data"), "JOBLEDGER_POOL_MAX": "4"}
     with (tmp_path / "serve.log").open("wb") as log:
@@ -388,11 +393,13 @@ async def test_jobledger_serve_with_tls_cert_and_key_serves_the_sdk(
         token = (await create_token(pool, user.uuid, settings.uuid_prefix)).token
         port = free_port()
         host = f"127.0.0.1:{port}"
-        with serving(tmp_path, database_dsn, port, "--tls-cert", str(tls.cert_file), "--tls-key", str(tls.key_file)):
+        tls_args = ("--tls-cert", str(tls.cert_file), "--tls-key", str(tls.key_file))
+        with serving(tmp_path, database_dsn, port, *tls_args) as process:
             connector = aiohttp.TCPConnector(ssl=tls.client)
             async with aiohttp.ClientSession(connector=connector) as session:
 
                 async def healthy() -> bool:
+                    assert process.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
                     try:
                         async with session.get(f"https://{host}/healthz") as response:
                             return response.status == 200
@@ -400,9 +407,7 @@ async def test_jobledger_serve_with_tls_cert_and_key_serves_the_sdk(
                         return False
 
                 await eventually(healthy, "jobledger serve --tls-cert answers /healthz", within=30)
-            api = await sdk(
-                lambda: arvados.api("v1", host=host, token=token, cache=False, num_retries=NUM_RETRIES, timeout=TIMEOUT)
-            )
+            api = await connect(host, token)
             job = await sdk(lambda: api.jobs().create(body={"job": JOB}).execute())
             assert (job["owner_uuid"], job["state"]) == (user.uuid, "Queued")
         assert await check_read_model(pool) is None
