@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import socket
+import ssl
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -62,6 +64,17 @@ def _log_banner(text: str) -> None:
     _log.info("%s", text.splitlines()[0].strip("= "))
 
 
+def server_ssl_context(cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str]) -> ssl.SSLContext:
+    """The TLS context ``serve --tls-cert F --tls-key F`` serves with (the tests use the same one).
+
+    ``create_default_context(CLIENT_AUTH)`` keeps Python's secure defaults (TLS 1.2 or later, no compression,
+    the default cipher list) and asks no certificate of the client: tokens authenticate, not certificates.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the HTTP service until interrupted."""
     from aiohttp import web
@@ -70,13 +83,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     ssl_context = None
     if args.tls_cert or args.tls_key:
-        import ssl
-
         if not (args.tls_cert and args.tls_key):
             print("jobledger: --tls-cert and --tls-key go together", file=sys.stderr)
             return 2
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        try:
+            ssl_context = server_ssl_context(args.tls_cert, args.tls_key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: a missing file, a key that does not fit
+            print(f"jobledger: cannot use --tls-cert/--tls-key: {exc}", file=sys.stderr)
+            return 2
     from api.access_log import configure_access_log
     from api.workers import bind, serve_workers, watch_parent
     from ledger.signing import SigningKeyError, load_or_create_signing_key

@@ -130,10 +130,33 @@ def all_methods() -> tuple[Method, ...]:
     return JOB_METHODS + events.EVENT_METHODS + provenance.LEDGER_METHODS
 
 
+@web.middleware
+async def method_override_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Run a GET method for ``POST`` + ``X-HTTP-Method-Override: GET`` on a path that only GET is routed for.
+
+    googleapiclient (so the Arvados SDK) sends any GET whose URL would pass 2048 characters that way, the
+    query moved to a form body (which ``api.params.request_parameters`` reads): a long ``filters`` on
+    ``jobs.queue`` or ``events.list`` would otherwise be a 405. ``POST jobs`` is routed (create) and tunnels
+    itself. Only methods without path parameters qualify: their handlers need nothing of the route's match,
+    and no method with path parameters takes a parameter long enough to be tunnelled. Not being a route, the
+    tunnel adds nothing to the method table or the documents.
+    """
+    if (
+        request.method == "POST"
+        and request.headers.get("X-HTTP-Method-Override", "").upper() == "GET"
+        and isinstance(request.match_info.http_exception, web.HTTPMethodNotAllowed)
+    ):
+        match = await request.app.router.resolve(request.clone(method="GET"))
+        if match.http_exception is None and not match:  # routed for GET, and no path parameters
+            return await match.handler(request)
+    return await handler(request)
+
+
 def add_routes(app: web.Application) -> None:
-    """Route every method under ``BASE_PATH``, fixed paths before parameterised ones."""
+    """Route every method under ``BASE_PATH``, fixed paths before parameterised ones, and tunnel long GETs."""
     ordered = sorted(all_methods(), key=lambda m: "{" in m.path)
     for method in ordered:
         app.router.add_route(
             method.http, BASE_PATH + method.path, method.handler, name=f"{method.resource}.{method.name}"
         )
+    app.middlewares.append(method_override_middleware)  # inside the error middleware: errors render as usual

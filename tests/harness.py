@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import asyncpg
@@ -16,6 +16,9 @@ from api.context import POOL
 from ledger.access import Role
 from ledger.config import Settings
 from ledger.users import IssuedToken, create_token, create_user
+
+if TYPE_CHECKING:
+    from tests.tls_support import TestTls
 
 
 @dataclass
@@ -122,17 +125,30 @@ class ServiceHarness:
         return api
 
 
-async def start_service(settings: Settings, dsn: str) -> ServiceHarness:
-    """Start the real aiohttp app on 127.0.0.1 (a free port) against ``dsn``."""
+async def start_service(
+    settings: Settings,
+    dsn: str,
+    *,
+    tls: TestTls | None = None,
+    configure: Callable[[web.Application], None] | None = None,
+) -> ServiceHarness:
+    """Start the real aiohttp app on 127.0.0.1 (a free port) against ``dsn``.
+
+    With ``tls``, the service speaks HTTPS only and the harness's clients trust the test CA. ``configure``
+    sees the application before it starts (e.g. to add a signal handler that records requests).
+    """
     issued: list[IssuedToken] = []
     app = create_app(settings, dsn, admin_token_sink=issued.append)
+    if configure is not None:
+        configure(app)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=None if tls is None else tls.server)
     await site.start()
     port = runner.addresses[0][1]
-    base_url = f"http://127.0.0.1:{port}"
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
+    base_url = f"{'http' if tls is None else 'https'}://127.0.0.1:{port}"
+    connector = aiohttp.TCPConnector(limit=100) if tls is None else aiohttp.TCPConnector(limit=100, ssl=tls.client)
+    session = aiohttp.ClientSession(connector=connector)
     admin = ApiClient(session, base_url, issued[0].token, issued[0].user_uuid, "admin")
     return ServiceHarness(base_url, app[POOL], settings, admin, session, runner)
 

@@ -36,11 +36,13 @@ class ServiceProcess:
     """``jobledger serve`` in a subprocess of its own: standard output collected line by line (the first
     start's admin token is printed there), standard error (the logs) in ``<name>.log``."""
 
-    def __init__(self, name: str, process: asyncio.subprocess.Process, port: int, log: Path) -> None:
+    def __init__(
+        self, name: str, process: asyncio.subprocess.Process, port: int, log: Path, scheme: str = "http"
+    ) -> None:
         self.name = name
         self.process = process
         self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
+        self.base_url = f"{scheme}://127.0.0.1:{port}"
         self.log = log
         self.stdout_lines: list[str] = []
         assert process.stdout is not None
@@ -152,7 +154,7 @@ class ServiceProcesses:
                 sys.executable, "-m", "api.cli", "serve", "--port", str(port), *args,
                 cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=err,
             )  # fmt: skip
-        service = ServiceProcess(name, process, port, log)
+        service = ServiceProcess(name, process, port, log, "https" if "--tls-cert" in args else "http")
         self.processes.append(service)
         return service
 
