@@ -196,10 +196,20 @@ def derive_state(job: Job) -> State:
     return "Queued"
 
 
+def _as_float(value: Any) -> float:
+    # Parameters read back by a verifier hold float subclasses (ledger.hashing.MarkedFloat): the same values.
+    if isinstance(value, float):
+        return float(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+_ETAG_ENCODER: Final = msgspec.json.Encoder(order="sorted", enc_hook=_as_float)
+
+
 def compute_etag(job: Job) -> str:
     """A digest of the job's attributes: it changes whenever any attribute does."""
     content = [getattr(job, name) for name in JOB_ATTRIBUTES if name not in _ETAG_EXCLUDED]
-    digest = hashlib.md5(msgspec.json.encode(content, order="sorted"), usedforsecurity=False).digest()
+    digest = hashlib.md5(_ETAG_ENCODER.encode(content), usedforsecurity=False).digest()
     return _base36(int.from_bytes(digest, "big"))
 
 
