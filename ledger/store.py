@@ -47,8 +47,12 @@ class ChainViolation(StoreError):
     """An append that would break the job's hash chain or time order (a bug in the caller)."""
 
 
-class StoredEvent(msgspec.Struct, kw_only=True, frozen=True):
-    """An event as the ledger holds it: the envelope, its hashes, and its global position once sequenced."""
+class StoredEvent(msgspec.Struct, frozen=True, tag_field="kind", tag="orvos#event"):
+    """An event as the ledger holds it: the envelope, its hashes, and its global position once sequenced.
+
+    Encoded, it is the API's ``orvos#event`` (the tag is written first). Fields are positional too, in the
+    order of the stream's page query, so a page of rows becomes events without a keyword per field.
+    """
 
     id: int
     position: int | None
