@@ -17,14 +17,15 @@ Variants, run interleaved at each concurrency (forwards in even repeats, backwar
 
 With ``--breakdown``, three more variants split the store/raw gap into its parts:
 
-* ``raw_pool``: ``raw`` through ``pool.execute`` (a pool acquire and release, with its reset query, per INSERT);
+* ``raw_pool``: ``raw`` through ``pool.execute`` (a pool acquire and release per INSERT);
 * ``store_sql``: the store's ``APPEND_ONE`` statement with precomputed arguments (but random job uuid and
   parameter digest) on a held connection: the schema's cost without the store's Python;
-* ``store_noreset``: ``store`` while the pool's connection release runs no reset query.
+* ``store_reset``: ``store`` while the pool's connection release sends asyncpg's default reset query (as the
+  service did before ``ledger.database.reset_connection``).
 
 Every writer gets its own pool connection: one pool of ``max(writers)`` connections, all opened in advance and
-never recycled (no ``max_queries`` or idle limit), serves every variant. Its ``reset`` is asyncpg's default
-reset query, switched off only for ``store_noreset``.
+never recycled (no ``max_queries`` or idle limit), serves every variant. Its ``reset`` is the service's own
+(``ledger.database.reset_connection``: nothing unless a transaction was left open), except in ``store_reset``.
 
 Each variant reports the median over the repeats of ops/s and of p50/p99 latency; ratios are the median of the
 per-repeat ratios (each pair measured back to back, so noise largely cancels). CPU per operation (this client
@@ -63,7 +64,7 @@ from bench.common import (
 )
 from ledger.access import Caller
 from ledger.config import Settings
-from ledger.database import create_pool
+from ledger.database import create_pool, reset_connection
 from ledger.hashing import GENESIS_HASH
 from ledger.service import JobService, new_uuid
 from ledger.store import APPEND_ONE, EventStore, event_args, seal
@@ -151,7 +152,7 @@ class Bench:
         self.sql_job_row = job_to_row(apply(None, sample), sealed.hash, sample.recorded_at)
 
     # store: one new job through EventStore.append, as JobService.create builds it, minus the reads.
-    # store_noreset is the same operation, run while the pool's reset is switched off.
+    # store_reset is the same operation, run while the pool's release sends asyncpg's reset query.
     async def store_append(self, worker: int) -> None:
         job_uuid = new_uuid("zzzzz", "8i9sb")
         rec = _new_job_record(job_uuid)
@@ -205,15 +206,15 @@ class Bench:
             "service": self.service_create,
             "raw_pool": self.raw_pool,
             "store_sql": self.store_sql,
-            "store_noreset": self.store_append,
+            "store_reset": self.store_append,
         }[variant]
         if variant in ("raw", "store_sql"):
             self.held = [await self.pool.acquire() for _ in range(workers)]
-        self.reset.enabled = variant != "store_noreset"
+        self.reset.enabled = variant == "store_reset"
         try:
             return await run_workers(op, workers, seconds=seconds, warmup=warmup, server_cpu=server_cpu)
         finally:
-            self.reset.enabled = True
+            self.reset.enabled = False
             for conn in self.held:
                 await self.pool.release(conn)
             self.held = []
@@ -221,17 +222,18 @@ class Bench:
 
 # ---- the driver ------------------------------------------------------------------------------------------
 class SwitchableReset:
-    """A pool ``reset`` that is asyncpg's default (its reset query) unless switched off, when it sends nothing.
+    """A pool ``reset``: the service's (``reset_connection``), or asyncpg's default reset query when enabled.
 
-    asyncpg rolls back an open transaction itself before calling it. One pool serves both ``store`` and
-    ``store_noreset`` this way, so the benchmark needs only ``max(writers)`` connections.
+    One pool serves both ``store`` and ``store_reset`` this way, so the benchmark needs only ``max(writers)``
+    connections.
     """
 
     def __init__(self) -> None:
-        self.enabled = True
+        self.enabled = False
 
     async def __call__(self, conn: asyncpg.Connection) -> None:
-        """Reset ``conn`` as ``Connection.reset`` would, if enabled."""
+        """Reset ``conn`` as the service does, or as ``Connection.reset`` would if enabled."""
+        await reset_connection(conn)
         if self.enabled:
             query = conn.get_reset_query()
             if query:
@@ -333,7 +335,7 @@ async def benchmark(dsn: str, args: argparse.Namespace) -> str:
     # No connection recycling during a benchmark (asyncpg replaces a connection after 50,000 queries, and one
     # idle for a minute): a reconnect inside a measured run is noise, and hides its backend's CPU from the probe.
     pool_options: dict[str, Any] = {"max_inactive_connection_lifetime": 0, "max_queries": 2**62}
-    variants = ["store", "raw", "service"] + (["raw_pool", "store_sql", "store_noreset"] if args.breakdown else [])
+    variants = ["store", "raw", "service"] + (["raw_pool", "store_sql", "store_reset"] if args.breakdown else [])
     measured = Measurements(variants, writers)
 
     version = await server_version(dsn)
@@ -409,7 +411,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--repeat", type=int, default=3, help="repeats; the median is reported (default 3)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each run (default 1)")
-    parser.add_argument("--breakdown", action="store_true", help="also run raw_pool, store_sql and store_noreset")
+    parser.add_argument("--breakdown", action="store_true", help="also run raw_pool, store_sql and store_reset")
     parser.add_argument("--no-checkpoint", action="store_true", help="do not CHECKPOINT before each run")
     return parser.parse_args(argv)
 

@@ -15,8 +15,8 @@ Each part runs in a scratch database of its own:
   app's store (so they poke its sequencer, as the service's own appends do) and one SSE consumer; latency is
   from the append returning (committed) to the event's SSE frame arriving. Run again with ``--idle``
   consumers all attached and receiving, with the database's transaction rate.
-* **catchup**: ``--backlog`` sequenced events read by one HTTP long-poll consumer (``limit=1000``) and one
-  SSE consumer, beside a raw asyncpg page scan (the same join, 1000 rows a page, rows decoded) in the same run.
+* **catchup**: ``--backlog`` sequenced events read by one HTTP long-poll consumer (``limit=--page``) and one
+  SSE consumer, beside a raw asyncpg page scan (the same join, ``--page`` rows a page, rows decoded) in the same run.
 * **memory**: ``jobledger serve`` in a subprocess; its RSS before and after ``--idle`` SSE consumers attach
   and sit idle, and the database's transaction rate while they do.
 """
@@ -67,7 +67,7 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 RAW_PAGE: Final = (
     "SELECT p.position, e.id, e.job_uuid, e.version, e.event_type, e.data, e.actor_user_uuid, e.actor_client_uuid, "
     "e.request_id, e.recorded_at, e.prev_hash, e.hash FROM event_positions p JOIN events e ON e.id = p.event_id "
-    "WHERE p.position > $1 ORDER BY p.position LIMIT 1000"
+    "WHERE p.position > $1 ORDER BY p.position LIMIT $2"
 )
 _counter = iter(range(10**12))
 
@@ -367,7 +367,7 @@ async def bench_catchup(dsn: str, args: argparse.Namespace, folder: Path) -> str
                 conn = await asyncpg.connect(dsn)
                 await init_connection(conn)
                 began, after, seen = time.perf_counter(), 0, 0
-                while rows_ := await conn.fetch(RAW_PAGE, after):
+                while rows_ := await conn.fetch(RAW_PAGE, after, args.page):
                     after, seen = rows_[-1]["position"], seen + len(rows_)
                 raw = seen / (time.perf_counter() - began)
                 await conn.close()
@@ -376,7 +376,7 @@ async def bench_catchup(dsn: str, args: argparse.Namespace, folder: Path) -> str
                 began, after, seen = time.perf_counter(), 0, 0
                 while after < total:
                     async with session.get(
-                        base_url + "/orvos/v1/events", params={"after": after, "limit": 1000}, headers=headers
+                        base_url + "/orvos/v1/events", params={"after": after, "limit": args.page}, headers=headers
                     ) as resp:
                         body = msgspec.json.decode(await resp.read())
                     after, seen = body["next_after"], seen + len(body["items"])
@@ -499,6 +499,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="repeats of append and catch-up (default 3)")
     parser.add_argument("--rate", type=float, default=1000.0, help="appends/s for the latency part (default 1000)")
     parser.add_argument("--backlog", type=int, default=50_000, help="events for the catch-up part (default 50000)")
+    parser.add_argument("--page", type=int, default=5000,
+                        help="events per page for catch-up, raw scan and long-poll alike (default 5000)")  # fmt: skip
     parser.add_argument("--idle", type=int, default=100, help="SSE consumers for latency and memory (default 100)")
     return parser.parse_args(argv)
 

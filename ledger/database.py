@@ -47,7 +47,8 @@ def with_database(dsn: str, database: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
 
 
-def _encode_json(value: Any) -> str:
+def encode_json(value: Any) -> str:
+    """The pool's json/jsonb encoder: msgspec, to text."""
     return msgspec.json.encode(value).decode()
 
 
@@ -55,7 +56,7 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     """Per-connection setup: jsonb and json travel as Python values, encoded and decoded by msgspec."""
     for name in ("jsonb", "json"):
         await conn.set_type_codec(
-            name, schema="pg_catalog", encoder=_encode_json, decoder=msgspec.json.decode, format="text"
+            name, schema="pg_catalog", encoder=encode_json, decoder=msgspec.json.decode, format="text"
         )
 
 

@@ -7,6 +7,10 @@ no whitespace, ``ensure_ascii=False``, encoded as UTF-8, so a verifier needs onl
 Values are normalised before they are hashed and stored, so that what PostgreSQL's ``jsonb`` gives back
 re-encodes to the same bytes: floats of magnitude 1e16 or more (always integral) become ints, and -0.0
 becomes 0.0. NaN, infinities, NUL characters and lone surrogates cannot be stored at all and are refused.
+
+``canonical_json`` is the reference. ``float_free_canonical_json`` makes the same bytes with msgspec, about
+five times faster, for values that hold no plain float: msgspec writes some floats differently (``1e-7`` for
+``1e-07``), so floats must reach it marked, as ``decode_marking_floats`` reads them, and go the reference way.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import hashlib
 import json
 import math
 from typing import Any, Final
+
+import msgspec
 
 GENESIS_HASH: Final = "0" * 64
 _BIG_FLOAT: Final = 1e16
@@ -66,6 +72,63 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
+class MarkedFloat(float):
+    """A JSON number with a fraction or an exponent, as ``decode_marking_floats`` reads it."""
+
+
+# decode_marking_floats(text): JSON decoded like ``msgspec.json.decode``, but every float as a ``MarkedFloat``
+# (the same value). The bound method itself, not a wrapper: as a codec it runs once per row of a whole ledger.
+decode_marking_floats: Final = msgspec.json.Decoder(float_hook=MarkedFloat).decode
+
+
+def _not_plain_json(value: Any) -> Any:
+    raise TypeError(f"not plain JSON: {type(value).__name__}")
+
+
+# Everything but float subclasses (and types msgspec does not know) is written natively, byte for byte as
+# canonical_json writes it: keys sorted by code point, the same escapes (only ", \ and controls; non-ASCII as
+# UTF-8), integers of any size, true/false/null. A MarkedFloat calls the hook, which refuses it.
+_FLOAT_FREE_ENCODER: Final = msgspec.json.Encoder(order="sorted", enc_hook=_not_plain_json)
+
+
+def float_free_canonical_json(value: Any) -> bytes:
+    """``canonical_json(value)``, five times faster, for a value holding no plain ``float``.
+
+    Its floats, if any, must be ``MarkedFloat``s (as ``decode_marking_floats`` reads them): such a value, and
+    anything msgspec refuses, is encoded by ``canonical_json`` itself (and raises what it raises).
+    """
+    try:
+        return _FLOAT_FREE_ENCODER.encode(value)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+        return canonical_json(value)
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, float):
+        return float(value)
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+_IN_ORDER_ENCODER: Final = msgspec.json.Encoder(enc_hook=_as_float)
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two finite JSON values are exactly the same (``1``, ``1.0`` and ``true`` differ), in any key order.
+
+    Two values msgspec writes identically are the same (its floats read back exactly); only when they differ
+    (or one has its keys in another order) does it take the slower canonical comparison.
+    """
+    try:
+        if _IN_ORDER_ENCODER.encode(a) == _IN_ORDER_ENCODER.encode(b):
+            return True
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+        pass
+    try:
+        return canonical_json(a) == canonical_json(b)
+    except (TypeError, ValueError):
+        return False
+
+
 def event_hash(
     *,
     job_uuid: str,
@@ -77,8 +140,13 @@ def event_hash(
     request_id: str,
     recorded_at: str,
     prev_hash: str,
+    floats_marked: bool = False,
 ) -> str:
-    """The hex SHA-256 of one event, chained to its job's previous event by ``prev_hash``."""
+    """The hex SHA-256 of one event, chained to its job's previous event by ``prev_hash``.
+
+    ``floats_marked``: ``data`` holds no plain float (it was read with ``decode_marking_floats``), so the
+    envelope can take ``float_free_canonical_json``.
+    """
     envelope = {
         "job_uuid": job_uuid,
         "version": version,
@@ -90,7 +158,8 @@ def event_hash(
         "recorded_at": recorded_at,
         "prev_hash": prev_hash,
     }
-    return hashlib.sha256(canonical_json(envelope)).hexdigest()
+    encoded = float_free_canonical_json(envelope) if floats_marked else canonical_json(envelope)
+    return hashlib.sha256(encoded).hexdigest()
 
 
 def chain_hash(previous_chain_hash: str, position: int, event_hash_hex: str) -> str:

@@ -18,7 +18,7 @@ import asyncpg
 import msgspec
 
 from ledger.database import init_connection
-from ledger.hashing import GENESIS_HASH, UnhashableValue, canonical_json, event_hash
+from ledger.hashing import GENESIS_HASH, UnhashableValue, event_hash, same_json
 from projections.job import IllegalTransition, Job, Recorded, apply, decode_event, fold
 from projections.readmodel import ALL_COLUMNS, job_to_row
 from projections.timefmt import format_ts
@@ -29,7 +29,7 @@ PREFETCH: Final = 10_000
 COPY_BATCH: Final = 20_000
 _LONG_CALL_SECONDS: Final = 600.0
 
-_EVENT_COLUMNS: Final = (
+EVENT_COLUMNS: Final = (
     "job_uuid",
     "version",
     "event_type",
@@ -42,10 +42,10 @@ _EVENT_COLUMNS: Final = (
     "hash",
     "id",
 )
-_J_UUID, _VERSION, _TYPE, _DATA, _ACTOR, _CLIENT, _REQUEST, _AT, _PREV, _HASH, _ID = range(len(_EVENT_COLUMNS))
+_J_UUID, _VERSION, _TYPE, _DATA, _ACTOR, _CLIENT, _REQUEST, _AT, _PREV, _HASH, _ID = range(len(EVENT_COLUMNS))
 # Both sides of the merge in check_read_model are ordered by the columns' own (default) collation, so the
 # unique indexes on (job_uuid, version) and uuid serve them without a sort.
-SELECT_EVENTS: Final = f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events ORDER BY job_uuid, version"
+SELECT_EVENTS: Final = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events ORDER BY job_uuid, version"
 SELECT_JOBS: Final = f"SELECT {', '.join(ALL_COLUMNS)} FROM jobs ORDER BY uuid"
 SECONDARY_INDEXES: Final = (
     "SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS definition FROM pg_index i "
@@ -55,6 +55,7 @@ SECONDARY_INDEXES: Final = (
 # Rebuild and check are maintenance jobs that legitimately outlast the service's per-request limits.
 _NO_TIMEOUTS: Final = "SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0"
 _JSONB_COLUMNS: Final = frozenset({"resource_limits", "script_parameters"})
+_JSONB_INDEXES: Final = tuple(i for i, name in enumerate(ALL_COLUMNS) if name in _JSONB_COLUMNS)
 
 Problem = Literal["attributes", "missing", "extra", "unreplayable"]
 ChainProblem = Literal["version", "prev_hash", "hash"]
@@ -144,7 +145,7 @@ async def _history_batches(
             if read_ahead:
                 ahead = asyncio.ensure_future(cursor.fetch(PREFETCH, timeout=_LONG_CALL_SECONDS))
                 await asyncio.sleep(0)  # lets the fetch send its request before we go back to folding
-            histories, carry = _split_histories(carry, batch)
+            histories, carry = split_histories(carry, batch)
             yield histories
             batch = await ahead if ahead is not None else await cursor.fetch(PREFETCH, timeout=_LONG_CALL_SECONDS)
             ahead = None
@@ -157,7 +158,7 @@ async def _history_batches(
                 await ahead
 
 
-def _split_histories(
+def split_histories(
     carry: list[asyncpg.Record], batch: list[asyncpg.Record]
 ) -> tuple[list[list[asyncpg.Record]], list[asyncpg.Record]]:
     """Cut ``carry + batch`` into complete histories and the trailing one, which the next batch may continue."""
@@ -195,12 +196,18 @@ def _recorded(row: asyncpg.Record) -> Recorded:
         actor_user_uuid=row[_ACTOR],
         actor_client_uuid=row[_CLIENT],
         request_id=row[_REQUEST],
-        recorded_at=_timestamp_text(row[_AT]),
+        recorded_at=timestamp_text(row[_AT]),
     )
 
 
-def _timestamp_text(moment: datetime) -> str:
-    """``format_ts(moment)``, about twice as fast for the UTC datetimes asyncpg returns (a million per rebuild)."""
+def timestamp_text(moment: datetime | str) -> str:
+    """``format_ts(moment)``, about twice as fast for the UTC datetimes asyncpg returns (a million per rebuild).
+
+    Text is taken as already formatted: a query may have PostgreSQL format the column (``ledger.asof.utc_text``),
+    which costs the database less than formatting costs Python.
+    """
+    if isinstance(moment, str):
+        return moment
     if moment.tzinfo is not UTC or moment.year < 1000:
         return format_ts(moment)
     return moment.isoformat(timespec="microseconds")[:-6] + "Z"
@@ -348,7 +355,7 @@ async def check_read_model(pool: asyncpg.Pool) -> Difference | None:
                 if await conn.fetchval("SELECT $1::text < $2::text", replayed_uuid, stored_uuid):
                     return Difference(job_uuid=replayed_uuid, problem="missing")
                 return Difference(job_uuid=stored_uuid, problem="extra")
-            difference = _compare(history, row)
+            difference = replay_difference(history, row)
             if difference is not None:
                 return difference
             history = await anext(histories, None)
@@ -363,12 +370,19 @@ def _unmatched(history: list[asyncpg.Record] | None, row: asyncpg.Record | None)
     return Difference(job_uuid=row["uuid"], problem="extra")
 
 
-def _compare(history: Sequence[asyncpg.Record], row: asyncpg.Record) -> Difference | None:
+def replay_difference(history: Sequence[asyncpg.Record], row: asyncpg.Record) -> Difference | None:
     """The difference between one job's replay and its stored row, if any."""
     try:
         expected = _replay(history)
     except ReplayError as exc:
         return Difference(job_uuid=exc.job_uuid, problem="unreplayable", detail=str(exc))
+    stored = tuple(row)  # a SELECT_JOBS row: the values of ALL_COLUMNS, in order
+    if (
+        expected == stored
+        and list(map(type, expected)) == list(map(type, stored))
+        and all(same_json(expected[i], stored[i]) for i in _JSONB_INDEXES)
+    ):
+        return None  # the usual case, checked in bulk; it implies _same for every column
     differing = tuple(
         name for name, value in zip(ALL_COLUMNS, expected, strict=True) if not _same(name, value, row[name])
     )
@@ -380,10 +394,7 @@ def _compare(history: Sequence[asyncpg.Record], row: asyncpg.Record) -> Differen
 def _same(column: str, expected: Any, stored: Any) -> bool:
     """Exact equality: Python's ``==`` would take ``1`` for ``True`` or ``1.0`` inside a jsonb value."""
     if column in _JSONB_COLUMNS:
-        try:
-            return canonical_json(expected) == canonical_json(stored)
-        except (TypeError, ValueError):
-            return False
+        return same_json(expected, stored)
     if isinstance(expected, datetime) or isinstance(stored, datetime):
         return isinstance(expected, datetime) and isinstance(stored, datetime) and expected == stored
     return type(expected) is type(stored) and expected == stored
@@ -420,7 +431,7 @@ def _check_chain(history: Sequence[asyncpg.Record]) -> ChainBreak | None:
         elif row[_PREV] != expected_prev:
             problem, detail = "prev_hash", f"prev_hash {row[_PREV]} is not the previous hash {expected_prev}"
         else:
-            actual = _stored_event_hash(row)
+            actual = stored_event_hash(row)
             if actual != row[_HASH]:
                 problem, detail = "hash", f"stored hash {row[_HASH]} but the event hashes to {actual}"
         if problem is not None:
@@ -431,7 +442,11 @@ def _check_chain(history: Sequence[asyncpg.Record]) -> ChainBreak | None:
     return None
 
 
-def _stored_event_hash(row: asyncpg.Record) -> str:
+def stored_event_hash(row: Sequence[Any], *, floats_marked: bool = False) -> str:
+    """The recomputed hash of an event row (its first columns those of ``EVENT_COLUMNS``), or why it has none.
+
+    ``floats_marked``: the row's ``data`` was read with ``ledger.hashing.decode_marking_floats``.
+    """
     try:
         return event_hash(
             job_uuid=row[_J_UUID],
@@ -441,19 +456,25 @@ def _stored_event_hash(row: asyncpg.Record) -> str:
             actor_user_uuid=row[_ACTOR],
             actor_client_uuid=row[_CLIENT],
             request_id=row[_REQUEST],
-            recorded_at=_timestamp_text(row[_AT]),
+            recorded_at=timestamp_text(row[_AT]),
             prev_hash=row[_PREV],
+            floats_marked=floats_marked,
         )
-    except (UnhashableValue, ValueError) as exc:
+    except (UnhashableValue, TypeError, ValueError) as exc:
         return f"<unhashable: {exc}>"
 
 
 __all__ = [
+    "EVENT_COLUMNS",
     "ChainBreak",
     "Difference",
     "RebuildReport",
     "ReplayError",
     "check_read_model",
     "rebuild_read_model",
+    "replay_difference",
+    "split_histories",
+    "stored_event_hash",
+    "timestamp_text",
     "verify_job_chains",
 ]

@@ -97,6 +97,19 @@ def etag_matches(if_match: str, etag: str) -> bool:
     return False
 
 
+def _choose_reusable(submitted: Submitted, candidates: list[JobRecord]) -> JobRecord | None:
+    """The job to answer ``submitted`` with, among the reuse look-up's candidates (CONTRACT §4), if any."""
+    # Digests can collide in principle; identity is deep equality of the parameters.
+    candidates = [c for c in candidates if c.job.script_parameters == submitted.script_parameters]
+    complete = [c for c in candidates if c.job.state == "Complete"]
+    # As Arvados did: if finished candidates disagree about the output, trust none of them.
+    if complete and len({c.job.output for c in complete}) == 1:
+        return complete[0]
+    unfinished = [c for c in candidates if c.job.state in ("Running", "Queued")]
+    unfinished.sort(key=lambda c: (c.job.state != "Running", c.job.created_at))
+    return unfinished[0] if unfinished else None
+
+
 def _fold_one(record: JobRecord | None, rec: Recorded) -> Job:
     try:
         return apply(None if record is None else record.job, rec)
@@ -154,8 +167,18 @@ class JobService:
                 earlier = await self._earlier_submission(caller, submitted, submit_id)
                 if earlier is not None:
                     return earlier, False
+            job_uuid = new_uuid(self.uuid_prefix, "8i9sb")
+            rec = _recorded(caller, job_uuid, 1, submitted, None)
+            job = _fold_one(None, rec)
             if reuse:
-                candidate = await self._find_reusable(caller, submitted)
+                if submit_id is None:
+                    # The usual case in one round trip: look for a job to reuse and, finding none, create.
+                    found = await self.store.create_unless_identical(rec, job, readable_by_all=reads_everything(caller))
+                    if not found:
+                        return job, True
+                    candidate = _choose_reusable(submitted, found)
+                else:
+                    candidate = await self._find_reusable(caller, submitted)
                 if candidate is not None:
                     if submit_id is not None:
                         # A concurrent request with this submit_id may have committed since the look-up above
@@ -169,9 +192,6 @@ class JobService:
                     except StaleVersion:
                         continue
                     return job, False
-            job_uuid = new_uuid(self.uuid_prefix, "8i9sb")
-            rec = _recorded(caller, job_uuid, 1, submitted, None)
-            job = _fold_one(None, rec)
             try:
                 await self.store.append(job_uuid, 0, GENESIS_HASH, [rec], job)
             except SubmitIdTaken:
@@ -220,15 +240,7 @@ class JobService:
             owner_uuid=caller.user_uuid,
             readable_by_all=reads_everything(caller),
         )
-        # Digests can collide in principle; identity is deep equality of the parameters.
-        candidates = [c for c in candidates if c.job.script_parameters == submitted.script_parameters]
-        complete = [c for c in candidates if c.job.state == "Complete"]
-        # As Arvados did: if finished candidates disagree about the output, trust none of them.
-        if complete and len({c.job.output for c in complete}) == 1:
-            return complete[0]
-        unfinished = [c for c in candidates if c.job.state in ("Running", "Queued")]
-        unfinished.sort(key=lambda c: (c.job.state != "Running", c.job.created_at))
-        return unfinished[0] if unfinished else None
+        return _choose_reusable(submitted, candidates)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     async def update(self, caller: Caller, job_uuid: str, changes: dict[str, Any], if_match: str | None = None) -> Job:

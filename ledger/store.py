@@ -8,7 +8,8 @@ see a raw asyncpg exception for them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Final
 
@@ -47,8 +48,12 @@ class ChainViolation(StoreError):
     """An append that would break the job's hash chain or time order (a bug in the caller)."""
 
 
-class StoredEvent(msgspec.Struct, kw_only=True, frozen=True):
-    """An event as the ledger holds it: the envelope, its hashes, and its global position once sequenced."""
+class StoredEvent(msgspec.Struct, frozen=True, tag_field="kind", tag="orvos#event"):
+    """An event as the ledger holds it: the envelope, its hashes, and its global position once sequenced.
+
+    Encoded, it is the API's ``orvos#event`` (the tag is written first). Fields are positional too, in the
+    order of the stream's page query, so a page of rows becomes events without a keyword per field.
+    """
 
     id: int
     position: int | None
@@ -126,12 +131,25 @@ def _params(first: int, count: int) -> str:
     return ", ".join(f"${i}" for i in range(first, first + count))
 
 
-def _upsert_job(first_param: int) -> str:
-    """Insert or replace a read-model row; its values are parameters ``$first_param`` onwards."""
+def _upsert_job(first_param: int, where: str = "") -> str:
+    """Insert or replace a read-model row; its values are parameters ``$first_param`` onwards (if ``where``)."""
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in ALL_COLUMNS if c != "uuid")
+    values = _params(first_param, len(ALL_COLUMNS))
+    source = f"SELECT {values} {where}" if where else f"VALUES ({values})"
+    return f"INSERT INTO jobs ({', '.join(ALL_COLUMNS)}) {source} ON CONFLICT (uuid) DO UPDATE SET {updates}"
+
+
+def _find_identical(first_param: int) -> str:
+    """Candidates for reuse (CONTRACT §4), found through the jobs_identity index: finished jobs anyone readable,
+    unfinished ones only the caller's own. Parameters from ``$first_param``: script name, parameter digest,
+    script version, the caller's uuid, whether the caller reads everything."""
+    name, digest, version, owner, everyone = (f"${n}" for n in range(first_param, first_param + 5))
     return (
-        f"INSERT INTO jobs ({', '.join(ALL_COLUMNS)}) VALUES ({_params(first_param, len(ALL_COLUMNS))}) "
-        f"ON CONFLICT (uuid) DO UPDATE SET {updates}"
+        f"SELECT {', '.join(ALL_COLUMNS)} FROM jobs "
+        f"WHERE script_name = {name} AND script_parameters_digest = {digest} AND script_version = {version} "
+        f"AND (state = 'Complete' OR (state IN ('Queued', 'Running') AND owner_uuid = {owner})) "
+        f"AND ({everyone} OR owner_uuid = {owner}) "
+        "ORDER BY created_at, uuid LIMIT 50"
     )
 
 
@@ -147,14 +165,16 @@ _SELECT_EVENT: Final = (
 LOAD_JOB_EVENTS: Final = _SELECT_EVENT + "WHERE e.job_uuid = $1 AND e.version <= $2 ORDER BY e.version"
 LOAD_JOB_EVENTS_UNTIL: Final = _SELECT_EVENT + "WHERE e.job_uuid = $1 AND e.recorded_at <= $2 ORDER BY e.version"
 GET_JOB: Final = f"SELECT {', '.join(ALL_COLUMNS)} FROM jobs WHERE uuid = $1"
-# Candidates for reuse (CONTRACT §4), found through the jobs_identity index: finished jobs anyone readable,
-# unfinished ones only the caller's own.
-FIND_IDENTICAL: Final = (
-    f"SELECT {', '.join(ALL_COLUMNS)} FROM jobs "
-    "WHERE script_name = $1 AND script_parameters_digest = $2 AND script_version = $3 "
-    "AND (state = 'Complete' OR (state IN ('Queued', 'Running') AND owner_uuid = $4)) "
-    "AND ($5 OR owner_uuid = $4) "
-    "ORDER BY created_at, uuid LIMIT 50"
+FIND_IDENTICAL: Final = _find_identical(1)
+_DIGEST_COLUMN: Final = ALL_COLUMNS.index("script_parameters_digest")
+_UNLESS_FOUND: Final = "WHERE NOT EXISTS (SELECT 1 FROM candidates)"
+# A new job's append guarded by the reuse look-up, in one statement and one snapshot: the candidates come back,
+# and the event and the row are written only if there are none (CONTRACT §4's usual case: one round trip).
+APPEND_UNLESS_IDENTICAL: Final = (
+    f"WITH candidates AS ({_find_identical(_N_EVENT + len(ALL_COLUMNS) + 1)}), "
+    f"appended AS (INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_params(1, _N_EVENT)} {_UNLESS_FOUND} RETURNING id), "
+    f"upserted AS ({_upsert_job(_N_EVENT + 1, _UNLESS_FOUND)} RETURNING uuid) "
+    "SELECT * FROM candidates"
 )
 GET_JOB_BY_SUBMIT_ID: Final = f"SELECT {', '.join(ALL_COLUMNS)} FROM jobs WHERE owner_uuid = $1 AND submit_id = $2"
 
@@ -201,6 +221,24 @@ def job_record(row: asyncpg.Record) -> JobRecord:
     )
 
 
+@contextmanager
+def _domain_errors(job: Job, expected_version: int) -> Iterator[None]:
+    """PostgreSQL's verdicts on an append, as the store's domain errors."""
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "events_job_version_key":
+            raise StaleVersion(job.uuid, expected_version) from None
+        if exc.constraint_name == "jobs_owner_submit_id":
+            raise SubmitIdTaken(job.owner_uuid, job.submit_id or "") from None
+        raise
+    except asyncpg.CheckViolationError as exc:
+        if exc.constraint_name in ("events_job_chain", "events_job_time"):
+            # A predecessor vanished from under us can only mean a concurrent writer; anything else is a bug.
+            raise ChainViolation(str(exc)) from exc
+        raise
+
+
 class EventStore:
     """Appends and reads job events and the current-jobs read model."""
 
@@ -227,7 +265,7 @@ class EventStore:
             raise ValueError("a new job's first event links to the genesis hash")
         sealed = seal(records, prev_hash)
         row = job_to_row(job, sealed[-1].hash, records[-1].recorded_at)
-        try:
+        with _domain_errors(job, expected_version):
             if len(sealed) == 1:
                 await self.pool.execute(APPEND_ONE, *event_args(sealed[0]), *row)
             else:
@@ -235,20 +273,29 @@ class EventStore:
                     for item in sealed:
                         await conn.execute(INSERT_EVENT, *event_args(item))
                     await conn.execute(UPSERT_JOB, *row)
-        except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name == "events_job_version_key":
-                raise StaleVersion(job_uuid, expected_version) from None
-            if exc.constraint_name == "jobs_owner_submit_id":
-                raise SubmitIdTaken(job.owner_uuid, job.submit_id or "") from None
-            raise
-        except asyncpg.CheckViolationError as exc:
-            if exc.constraint_name in ("events_job_chain", "events_job_time"):
-                # A predecessor vanished from under us can only mean a concurrent writer; anything else is a bug.
-                raise ChainViolation(str(exc)) from exc
-            raise
         if self.on_append is not None:
             self.on_append()
         return sealed
+
+    async def create_unless_identical(self, record: Recorded, job: Job, *, readable_by_all: bool) -> list[JobRecord]:
+        """Append a new job's first event (``record``, folding to ``job``) unless the reuse look-up finds one.
+
+        Returns the candidates ``find_identical`` would (for the job's owner): when there are any, nothing
+        was written. Raises as ``append`` does.
+        """
+        if record.version != 1:
+            raise ValueError("a new job's first event is version 1")
+        (sealed,) = seal([record], GENESIS_HASH)
+        row = job_to_row(job, sealed.hash, record.recorded_at)
+        digest = row[_DIGEST_COLUMN]  # computed once, for the row and the look-up
+        look_up = (job.script_name, digest, job.script_version, job.owner_uuid, readable_by_all)
+        with _domain_errors(job, 0):
+            rows = await self.pool.fetch(APPEND_UNLESS_IDENTICAL, *event_args(sealed), *row, *look_up)
+        if rows:
+            return [job_record(found) for found in rows]
+        if self.on_append is not None:
+            self.on_append()
+        return []
 
     async def get_job(self, job_uuid: str) -> JobRecord | None:
         """The job's read-model row, or None."""

@@ -19,10 +19,11 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
+from ledger.asof import utc_text
 from ledger.config import Settings
 from ledger.database import server_settings
 from ledger.sequencer import CHANNEL, load_cursor
-from ledger.store import StoredEvent, stored_event
+from ledger.store import StoredEvent
 
 _log = logging.getLogger("jobledger.stream")
 
@@ -32,9 +33,11 @@ SCAN_WINDOW: Final = 10_000
 # /healthz counts unsequenced events only up to this many (the count is an index range scan).
 PENDING_COUNT_CAP: Final = 100_000
 
+# StoredEvent's fields, in order (rows become events positionally); PostgreSQL formats the time, several times
+# cheaper than Python (a catch-up reads a hundred thousand events a second).
 _COLUMNS: Final = (
-    "p.position, e.id, e.job_uuid, e.version, e.event_type, e.data, e.actor_user_uuid, e.actor_client_uuid, "
-    "e.request_id, e.recorded_at, e.prev_hash, e.hash"
+    "e.id, p.position, e.job_uuid, e.version, e.event_type, e.data, e.actor_user_uuid, e.actor_client_uuid, "
+    f"e.request_id, {utc_text('e.recorded_at')} AS recorded_at, e.prev_hash, e.hash"
 )
 # The listener's reconnection back-off stops doubling here: once the database is back, the listener is too
 # within this long (``/healthz`` reports it, and other processes' sequencing wakes consumers only through it);
@@ -156,7 +159,8 @@ async def read_events(
     )
     rows = await pool.fetch(query.sql, *query.args)
     head: int = rows[0]["head"]
-    items = [stored_event(row) for row in rows if row["position"] is not None]
+    # Each row is the head, then an event's fields (none when the page is empty: the LEFT JOIN's one row).
+    items = [StoredEvent(*row[1:]) for row in rows if row["position"] is not None]
     if limit and len(items) == limit:
         next_after = items[-1].position or after  # a full page: resume right after its last event
     elif upto is None:

@@ -14,8 +14,11 @@ position and event id where known, and what is wrong.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing, asynccontextmanager, suppress
 from typing import Any, Final, Literal
 
 import asyncpg
@@ -30,21 +33,49 @@ from ledger.checkpoint import (
     loads_strict,
     verify_checkpoint,
 )
+from ledger.database import encode_json, init_connection
 from ledger.export import EVENT_KIND, LINK_KIND, START_KIND
-from ledger.hashing import GENESIS_HASH, UnhashableValue, chain_hash, event_hash
-from ledger.rebuild import check_read_model, verify_job_chains
+from ledger.hashing import GENESIS_HASH, chain_hash, decode_marking_floats, event_hash
+from ledger.rebuild import (
+    EVENT_COLUMNS,
+    SELECT_JOBS,
+    Difference,
+    replay_difference,
+    split_histories,
+    stored_event_hash,
+)
 
 Check = Literal["job_chain", "global_chain", "read_model", "checkpoint", "export"]
 PREFETCH: Final = 10_000
+_NO_LIMIT: Final = 24 * 3600.0  # seconds: the pool's command timeout is for requests, not for a whole-ledger pass
 _NO_TIMEOUTS: Final = "SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0"
-# A left join: a position whose event row has vanished must be reported, not silently skipped.
-SELECT_CHAIN: Final = (
-    "SELECT p.position, p.event_id, p.chain_hash, e.id, e.job_uuid, e.version, e.event_type, e.data, "
-    f"e.actor_user_uuid, e.actor_client_uuid, e.request_id, {utc_text('e.recorded_at')} AS recorded_at, "
-    "e.prev_hash, e.hash FROM event_positions p LEFT JOIN events e ON e.id = p.event_id ORDER BY p.position"
+# Every event in (job, version) order (the order of the events_job_version_key index, and of the read model's
+# primary key), each with its position if it has one, its chain hash and the chain hash of the position
+# before it: all the global chain needs, a position at a time (see _LedgerPass).
+# recorded_at comes as text, formatted by PostgreSQL (on its own core, while this process hashes and folds).
+_LEDGER_COLUMNS: Final = ", ".join(utc_text("e.recorded_at") if c == "recorded_at" else f"e.{c}" for c in EVENT_COLUMNS)
+SELECT_LEDGER: Final = (
+    f"SELECT {_LEDGER_COLUMNS}, p.position, p.chain_hash, q.chain_hash "
+    "FROM events e LEFT JOIN event_positions p ON p.event_id = e.id "
+    "LEFT JOIN event_positions q ON q.position = p.position - 1 ORDER BY e.job_uuid, e.version"
 )
-POSITION_OF_EVENT: Final = "SELECT position FROM event_positions WHERE event_id = $1"
-COUNT_UNSEQUENCED: Final = "SELECT (SELECT count(*) FROM events) - (SELECT count(*) FROM event_positions)"
+_J_UUID, _VERSION, _TYPE, _DATA, _ACTOR, _CLIENT, _REQUEST, _AT, _PREV, _HASH, _ID = range(len(EVENT_COLUMNS))
+_POSITION, _CHAIN, _PREVIOUS_CHAIN = range(len(EVENT_COLUMNS), len(EVENT_COLUMNS) + 3)
+COUNT_POSITIONS: Final = "SELECT count(*) FROM event_positions"
+# The first position whose event row is gone (only looked for when there are more positions than events with
+# one), and whether the position before it exists.
+FIRST_ORPHAN: Final = (
+    "SELECT p.position, p.event_id, (p.position = 1 OR EXISTS "
+    "(SELECT 1 FROM event_positions q WHERE q.position = p.position - 1)) AS linked FROM event_positions p "
+    "WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = p.event_id) ORDER BY p.position LIMIT 1"
+)
+PREVIOUS_POSITION: Final = "SELECT max(position) FROM event_positions WHERE position < $1"
+PREVIOUS_POSITION_ROW: Final = (
+    "SELECT position, chain_hash FROM event_positions WHERE position < $1 ORDER BY position DESC LIMIT 1"
+)
+LAST_POSITION: Final = "SELECT position, chain_hash FROM event_positions ORDER BY position DESC LIMIT 1"
+CHAIN_AT: Final = "SELECT chain_hash FROM event_positions WHERE position = $1"
+_SNAPSHOT_ID: Final = re.compile(r"[0-9A-F]+-[0-9A-F]+-[0-9]+")
 _EVENT_FIELDS: Final = frozenset(
     {"kind", "position", "id", "job_uuid", "version", "event_type", "data", "actor_user_uuid",
      "actor_client_uuid", "request_id", "recorded_at", "prev_hash", "hash", "chain_hash"}
@@ -126,6 +157,9 @@ async def verify_ledger(
     With ``checkpoint`` (a decoded checkpoint document) and ``public_key``, the checkpoint must verify and
     the recomputed chain hash at its position must equal its chain hash: that detects a history rewritten
     consistently (every hash recomputed), and events removed from the end, which nothing else can.
+
+    One pass over the events in one snapshot, each event hashed once (``_LedgerPass``); it takes two of the
+    pool's connections, one streaming the events and one the read model.
     """
     started = time.perf_counter()
     findings: list[Finding] = []
@@ -138,26 +172,20 @@ async def verify_ledger(
         except InvalidCheckpoint as exc:
             findings.append(Finding(check="checkpoint", detail=str(exc)))
 
-    # One pass after another: they are CPU-bound in this process, so running them together gains nothing
-    # (measured: bench/provenance.py), and holds three snapshots open instead of one.
-    broken = await verify_job_chains(pool)
-    state = _ChainState()
-    unsequenced, chain_finding = await _verify_global_chain(pool, state, None if anchor is None else anchor.position)
-    difference = await check_read_model(pool)
-    if broken is not None:
-        position = await pool.fetchval(POSITION_OF_EVENT, broken.event_id)
-        findings.append(
-            Finding(
-                check="job_chain",
-                detail=f"{broken.problem}: {broken.detail}",
-                job_uuid=broken.job_uuid,
-                version=broken.version,
-                position=position,
-                event_id=broken.event_id,
-            )
-        )
-    if chain_finding is not None:
-        findings.append(chain_finding)
+    async with (
+        pool.acquire() as conn,
+        pool.acquire() as jobs_conn,
+        _marking_floats(conn),
+        _marking_floats(jobs_conn),
+        _snapshot(conn, jobs_conn),
+    ):
+        result = await _LedgerPass(conn, jobs_conn).run()
+        state = await _chain_state(conn, result.chain, None if anchor is None else anchor.position)
+        difference = await _read_model_difference(conn, result)
+    if result.job_chain is not None:
+        findings.append(result.job_chain)
+    if result.chain is not None:
+        findings.append(result.chain)
     elif anchor is not None:
         findings.extend(_compare_with_checkpoint(state, anchor.position, anchor.chain_hash))
     if difference is not None:
@@ -169,7 +197,7 @@ async def verify_ledger(
         head=state.position,
         head_chain_hash=state.chain,
         findings=tuple(findings),
-        unsequenced=unsequenced,
+        unsequenced=result.events - result.positions,
         checkpoint_position=None if anchor is None else anchor.position,
         seconds=round(time.perf_counter() - started, 3),
     )
@@ -187,72 +215,255 @@ def _compare_with_checkpoint(state: _ChainState, position: int, expected: str) -
     return []
 
 
-async def _verify_global_chain(
-    pool: asyncpg.Pool, state: _ChainState, checkpoint_position: int | None
-) -> tuple[int, Finding | None]:
-    """Walk ``event_positions`` in order in one snapshot; return (unsequenced events, first finding)."""
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+@asynccontextmanager
+async def _marking_floats(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """jsonb read with ``decode_marking_floats`` for the duration, so event hashes can take msgspec's fast path."""
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog", encoder=encode_json, decoder=decode_marking_floats, format="text"
+    )
+    try:
+        yield
+    finally:
+        if not conn.is_closed():
+            await init_connection(conn)  # back to the pool's codecs before the connection goes back
+
+
+@asynccontextmanager
+async def _snapshot(conn: asyncpg.Connection, other: asyncpg.Connection) -> AsyncIterator[None]:
+    """One read-only snapshot on both connections (exported by ``conn``), with no statement timeouts."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
+        if not _SNAPSHOT_ID.fullmatch(snapshot):
+            raise RuntimeError(f"unexpected snapshot id {snapshot!r}")
         await conn.execute(_NO_TIMEOUTS)
-        unsequenced = await conn.fetchval(COUNT_UNSEQUENCED)
-        cursor = await conn.cursor(SELECT_CHAIN)
-        while batch := await cursor.fetch(PREFETCH):
-            for row in batch:
-                finding = _check_position(state, row)
-                if finding is not None:
-                    return unsequenced, finding
-                if state.position == checkpoint_position:
-                    state.at_checkpoint = state.chain
-    return unsequenced, None
+        async with other.transaction(isolation="repeatable_read", readonly=True):
+            await other.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # must come first; takes no parameter
+            await other.execute(_NO_TIMEOUTS)
+            yield
 
 
-def _check_position(state: _ChainState, row: asyncpg.Record) -> Finding | None:
-    """Check the next row of the global chain and advance ``state``; the finding if it is bad."""
-    position = row["position"]
+async def _read_ahead(conn: asyncpg.Connection, sql: str) -> AsyncIterator[list[asyncpg.Record]]:
+    """The rows of ``sql`` a batch at a time, the next batch always on its way while the caller works."""
+    cursor = await conn.cursor(sql)
+    ahead: asyncio.Future[list[asyncpg.Record]] = asyncio.ensure_future(cursor.fetch(PREFETCH, timeout=_NO_LIMIT))
+    try:
+        while batch := await ahead:
+            # A fetch is in flight while the caller works through a batch, however long that takes.
+            ahead = asyncio.ensure_future(cursor.fetch(PREFETCH, timeout=_NO_LIMIT))
+            await asyncio.sleep(0)  # let the fetch go out before the caller settles into the batch
+            yield batch
+    finally:
+        if not ahead.done():
+            # An abandoned fetch must finish before the connection can be used again (or its transaction end).
+            with suppress(Exception):
+                await ahead
 
-    def finding(detail: str) -> Finding:
+
+class _GlobalBreak(msgspec.Struct, frozen=True):
+    """The first position (so far) at which the global chain fails; the detail is completed at the end."""
+
+    position: int
+    detail: str
+    job_uuid: str | None
+    version: int | None
+    event_id: int
+    gap: bool = False  # the detail still needs the position before the hole
+
+
+class _LedgerPass:
+    """The single pass: every event once, in ``(job_uuid, version)`` order, with its position.
+
+    Per event: its hash is recomputed once and serves both chains. The job chain is checked in order, as
+    ``ledger.rebuild.verify_job_chains`` does. The global chain is checked locally: a position is good when
+    the one before it exists, its event is there and hashes to the stored hash, it is the next version of
+    its job in position order, and its chain hash is the chain step from the previous position's stored chain
+    hash. The first position that is not good is exactly where a walk in position order, recomputing every
+    chain hash, first fails (every stored chain hash before it equals the recomputed one), with the same
+    complaint. Each job is folded once and compared with its read-model row, streamed in the same uuid
+    order on the second connection, as ``ledger.rebuild.check_read_model`` does.
+    """
+
+    def __init__(self, conn: asyncpg.Connection, jobs_conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.jobs_conn = jobs_conn
+        self.events = 0
+        self.positions = 0
+        self.job_chain: Finding | None = None
+        self.chain: Finding | None = None
+        self.first_break: _GlobalBreak | None = None
+        self.difference: Difference | None = None
+        # A history and a job row with different uuids: which is missing is the database's collation's call.
+        self.unmatched: tuple[str, str] | None = None
+
+    async def run(self) -> _LedgerPass:
+        """Read and check everything; the findings are then in ``job_chain``, ``chain`` and ``difference``."""
+        self.positions = await self.conn.fetchval(COUNT_POSITIONS)
+        sequenced = 0
+        async with (
+            aclosing(_read_ahead(self.conn, SELECT_LEDGER)) as event_batches,
+            aclosing(_job_rows(self.jobs_conn)) as job_rows,
+        ):
+            stored_row = await anext(job_rows, None)
+            carry: list[asyncpg.Record] = []
+            async for batch in event_batches:
+                self.events += len(batch)
+                histories, carry = split_histories(carry, batch)
+                for history in histories:
+                    sequenced += self._check(history)
+                    stored_row = await self._compare(history, stored_row, job_rows)
+            if carry:
+                sequenced += self._check(carry)
+                stored_row = await self._compare(carry, stored_row, job_rows)
+            if self.difference is None and self.unmatched is None and stored_row is not None:
+                self.difference = Difference(job_uuid=stored_row["uuid"], problem="extra")
+        if self.positions > sequenced:
+            await self._orphans()
+        if self.first_break is not None:
+            self.chain = await self._finding(self.first_break)
+        return self
+
+    def _check(self, history: list[asyncpg.Record]) -> int:
+        """Check one job's chain and its part of the global chain; the count of its sequenced events."""
+        hashes = [stored_event_hash(row, floats_marked=True) for row in history]  # see _marking_floats
+        if self.job_chain is None:
+            self.job_chain = _job_chain_break(history, hashes)
+        sequenced = [(row[_POSITION], row, digest) for row, digest in zip(history, hashes, strict=True)]
+        sequenced = [item for item in sequenced if item[0] is not None]
+        sequenced.sort(key=lambda item: item[0])
+        last_version = 0
+        for position, row, recomputed in sequenced:
+            if self.first_break is not None and position >= self.first_break.position:
+                break
+            detail = _position_problem(row, recomputed, last_version)
+            if detail is not None:
+                self.first_break = _GlobalBreak(
+                    position=position,
+                    detail=detail,
+                    job_uuid=row[_J_UUID],
+                    version=row[_VERSION],
+                    event_id=row[_ID],
+                    gap=detail == "",
+                )
+                break
+            last_version = row[_VERSION]
+        return len(sequenced)
+
+    async def _compare(
+        self, history: list[asyncpg.Record], stored_row: asyncpg.Record | None, job_rows: AsyncIterator[asyncpg.Record]
+    ) -> asyncpg.Record | None:
+        """Compare one job's replay with its read-model row; the next row still to compare."""
+        if self.difference is not None or self.unmatched is not None:
+            return stored_row
+        job_uuid = history[0][_J_UUID]
+        if stored_row is None:
+            self.difference = Difference(job_uuid=job_uuid, problem="missing")
+            return None
+        if stored_row["uuid"] != job_uuid:
+            self.unmatched = (job_uuid, stored_row["uuid"])
+            return stored_row
+        self.difference = replay_difference(history, stored_row)
+        return await anext(job_rows, None)
+
+    async def _orphans(self) -> None:
+        """Positions whose event row is gone: the first of them may be the global chain's first break."""
+        row = await self.conn.fetchrow(FIRST_ORPHAN)
+        if row is None or (self.first_break is not None and self.first_break.position < row["position"]):
+            return
+        position, event_id = row["position"], row["event_id"]
+        detail = "" if not row["linked"] else f"position {position} refers to event id {event_id}, which does not exist"
+        self.first_break = _GlobalBreak(
+            position=position, detail=detail, job_uuid=None, version=None, event_id=event_id, gap=not row["linked"]
+        )
+
+    async def _finding(self, broken: _GlobalBreak) -> Finding:
+        detail = broken.detail
+        if broken.gap:
+            before = await self.conn.fetchval(PREVIOUS_POSITION, broken.position) or 0
+            detail = f"position {before + 1} is missing: the chain jumps from {before} to {broken.position}"
         return Finding(
             check="global_chain",
             detail=detail,
-            job_uuid=row["job_uuid"],
-            version=row["version"],
-            position=position,
-            event_id=row["event_id"],
+            job_uuid=broken.job_uuid,
+            version=broken.version,
+            position=broken.position,
+            event_id=broken.event_id,
         )
 
-    if position != state.position + 1:
-        return finding(f"position {state.position + 1} is missing: the chain jumps from {state.position} to {position}")
-    if row["id"] is None:
-        return finding(f"position {position} refers to event id {row['event_id']}, which does not exist")
-    recomputed = _hash_of_row(row)
-    if recomputed != row["hash"]:
-        return finding(f"stored hash {row['hash']} but the event hashes to {recomputed}")
-    job, version = row["job_uuid"], row["version"]
-    expected_version = state.versions.get(job, 0) + 1
-    if version != expected_version:
-        return finding(f"version {version} of the job is sequenced where version {expected_version} should be")
-    chain = chain_hash(state.chain, position, recomputed)
-    if chain != row["chain_hash"]:
-        return finding(f"stored chain hash {row['chain_hash']} but the chain recomputes to {chain}")
-    state.position, state.chain = position, chain
-    state.versions[job] = version
+
+def _job_chain_break(history: list[asyncpg.Record], hashes: list[str]) -> Finding | None:
+    """The first event breaking this job's chain (versions 1, 2, ..., each linked to the last), if any."""
+    expected_prev = GENESIS_HASH
+    for expected_version, (row, recomputed) in enumerate(zip(history, hashes, strict=True), start=1):
+        if row[_VERSION] != expected_version:
+            detail = f"version: expected version {expected_version}"
+        elif row[_PREV] != expected_prev:
+            detail = f"prev_hash: prev_hash {row[_PREV]} is not the previous hash {expected_prev}"
+        elif recomputed != row[_HASH]:
+            detail = f"hash: stored hash {row[_HASH]} but the event hashes to {recomputed}"
+        else:
+            expected_prev = row[_HASH]
+            continue
+        return Finding(
+            check="job_chain",
+            detail=detail,
+            job_uuid=row[_J_UUID],
+            version=row[_VERSION],
+            position=row[_POSITION],
+            event_id=row[_ID],
+        )
     return None
 
 
-def _hash_of_row(row: asyncpg.Record) -> str:
-    try:
-        return event_hash(
-            job_uuid=row["job_uuid"],
-            version=row["version"],
-            event_type=row["event_type"],
-            data=row["data"],
-            actor_user_uuid=row["actor_user_uuid"],
-            actor_client_uuid=row["actor_client_uuid"],
-            request_id=row["request_id"],
-            recorded_at=row["recorded_at"],  # already text, formatted by utc_text
-            prev_hash=row["prev_hash"],
-        )
-    except (UnhashableValue, TypeError, ValueError) as exc:
-        return f"<unhashable: {exc}>"
+def _position_problem(row: asyncpg.Record, recomputed: str, last_version: int) -> str | None:
+    """What is wrong at this event's position, in the order a walk would find it; "" for a hole before it."""
+    position = row[_POSITION]
+    previous_chain = row[_PREVIOUS_CHAIN]
+    if previous_chain is None:
+        if position != 1:
+            return ""
+        previous_chain = GENESIS_HASH
+    if recomputed != row[_HASH]:
+        return f"stored hash {row[_HASH]} but the event hashes to {recomputed}"
+    if row[_VERSION] != last_version + 1:
+        return f"version {row[_VERSION]} of the job is sequenced where version {last_version + 1} should be"
+    chain = chain_hash(previous_chain, position, recomputed)
+    if chain != row[_CHAIN]:
+        return f"stored chain hash {row[_CHAIN]} but the chain recomputes to {chain}"
+    return None
+
+
+async def _job_rows(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Record]:
+    async with aclosing(_read_ahead(conn, SELECT_JOBS)) as batches:
+        async for batch in batches:
+            for row in batch:
+                yield row
+
+
+async def _chain_state(conn: asyncpg.Connection, chain: Finding | None, checkpoint_position: int | None) -> _ChainState:
+    """Where the verified prefix of the global chain ends, and its chain hash at the checkpoint's position.
+
+    Up to there every stored chain hash equals the recomputed one, so the stored values can be reported.
+    """
+    state = _ChainState()
+    if chain is None:
+        last = await conn.fetchrow(LAST_POSITION)
+    else:
+        assert chain.position is not None
+        last = await conn.fetchrow(PREVIOUS_POSITION_ROW, chain.position)
+    if last is not None:
+        state.position, state.chain = last["position"], last["chain_hash"]
+    if checkpoint_position is not None and 0 < checkpoint_position <= state.position:
+        state.at_checkpoint = await conn.fetchval(CHAIN_AT, checkpoint_position)
+    return state
+
+
+async def _read_model_difference(conn: asyncpg.Connection, result: _LedgerPass) -> Difference | None:
+    if result.unmatched is None:
+        return result.difference
+    replayed_uuid, stored_uuid = result.unmatched
+    if await conn.fetchval("SELECT $1::text < $2::text", replayed_uuid, stored_uuid):
+        return Difference(job_uuid=replayed_uuid, problem="missing")
+    return Difference(job_uuid=stored_uuid, problem="extra")
 
 
 # ---------------------------------------------------------------------------------------------------------

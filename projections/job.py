@@ -9,6 +9,7 @@ events) and as-of queries (folding a prefix of a job's history). An illegal even
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Iterable
 from typing import Any, Final, Literal
 
@@ -196,20 +197,40 @@ def derive_state(job: Job) -> State:
     return "Queued"
 
 
+def _as_float(value: Any) -> float:
+    # Parameters read back by a verifier hold float subclasses (ledger.hashing.MarkedFloat): the same values.
+    if isinstance(value, float):
+        return float(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+_ETAG_ENCODER: Final = msgspec.json.Encoder(order="sorted", enc_hook=_as_float)
+
+
+_ETAG_CONTENT: Final = operator.attrgetter(*(name for name in JOB_ATTRIBUTES if name not in _ETAG_EXCLUDED))
+
+
 def compute_etag(job: Job) -> str:
     """A digest of the job's attributes: it changes whenever any attribute does."""
-    content = [getattr(job, name) for name in JOB_ATTRIBUTES if name not in _ETAG_EXCLUDED]
-    digest = hashlib.md5(msgspec.json.encode(content, order="sorted"), usedforsecurity=False).digest()
+    content = list(_ETAG_CONTENT(job))  # encoded as the list it always was, so etags stay the same
+    digest = hashlib.md5(_ETAG_ENCODER.encode(content), usedforsecurity=False).digest()
     return _base36(int.from_bytes(digest, "big"))
 
 
+_DIGITS: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
+_DIGIT_PAIRS: Final = tuple(a + b for a in _DIGITS for b in _DIGITS)
+
+
 def _base36(number: int) -> str:
-    alphabet = "0123456789abcdefghijklmnopqrstuvwxyz"
+    """``number`` in base 36, two digits per division (half the big-integer divisions of one at a time)."""
+    if number < 36:
+        return _DIGITS[number]
     out = []
-    while number:
-        number, rest = divmod(number, 36)
-        out.append(alphabet[rest])
-    return "".join(reversed(out)) or "0"
+    while number >= 36 * 36:
+        number, rest = divmod(number, 36 * 36)
+        out.append(_DIGIT_PAIRS[rest])
+    out.append(_DIGIT_PAIRS[number] if number >= 36 else _DIGITS[number])  # no leading zero
+    return "".join(reversed(out))
 
 
 def _new_job(rec: Recorded, event: Submitted) -> Job:
