@@ -282,36 +282,54 @@ class Drainer:
                 tail = chunk[-8:]
 
 
+async def delivery_latency(
+    session: aiohttp.ClientSession,
+    url: str,
+    token: str,
+    pool: asyncpg.Pool,
+    process: psutil.Process,
+    consumers: int,
+    rate: float,
+    seconds: float,
+) -> list[Any]:
+    """Paced appends for ``seconds`` while ``consumers`` SSE readers of ``url`` receive them.
+
+    Returns ``[consumers, appends/s, p50, p90, p99, max ms, missing, db xact/s, server CPU]``: latency from
+    an append returning (committed) to its frame arriving at the first reader.
+    """
+    store = EventStore(pool)
+    head = await pool.fetchval("SELECT COALESCE(max(position), 0) FROM event_positions")
+    stop = asyncio.Event()
+    measured = SseReader(session, url, token, head)
+    drainers = [Drainer(session, url, token, head) for _ in range(consumers - 1)]
+    tasks = [asyncio.create_task(r.run(stop)) for r in (measured, *drainers)]
+    await asyncio.sleep(1.0)  # every consumer connected and idle
+    xact_before = await transactions(pool)
+    cpu_before = sum(process.cpu_times()[:2])
+    began = time.perf_counter()
+    committed = await paced_appends(store, rate, seconds)
+    elapsed = time.perf_counter() - began
+    cpu = (sum(process.cpu_times()[:2]) - cpu_before) / elapsed
+    xact = (await transactions(pool) - xact_before) / elapsed
+    everyone = [measured, *drainers]
+    await until(lambda c=committed, rs=everyone: all(r.count >= len(c) for r in rs), 30)
+    stop.set()
+    for task in tasks:
+        task.cancel()
+    latencies = [max(0.0, measured.arrived[u] - at) for u, at in committed.items() if u in measured.arrived]
+    missing = sum(max(0, len(committed) - r.count) for r in everyone)
+    return [consumers, len(committed) / elapsed, *_percentiles(latencies), missing, xact, f"{cpu:.0%}"]
+
+
 async def bench_latency(dsn: str, args: argparse.Namespace, folder: Path) -> str:
     rows = []
     async with served(dsn, folder) as (base_url, process, pool, token):
-        store = EventStore(pool)
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         url = base_url + "/orvos/v1/events/stream"
         try:
             for consumers in (1, args.idle):
-                head = await pool.fetchval("SELECT COALESCE(max(position), 0) FROM event_positions")
-                stop = asyncio.Event()
-                measured = SseReader(session, url, token, head)
-                drainers = [Drainer(session, url, token, head) for _ in range(consumers - 1)]
-                tasks = [asyncio.create_task(r.run(stop)) for r in (measured, *drainers)]
-                await asyncio.sleep(1.0)  # every consumer connected and idle
-                xact_before = await transactions(pool)
-                cpu_before = sum(process.cpu_times()[:2])
-                began = time.perf_counter()
-                committed = await paced_appends(store, args.rate, args.seconds)
-                elapsed = time.perf_counter() - began
-                cpu = (sum(process.cpu_times()[:2]) - cpu_before) / elapsed
-                xact = (await transactions(pool) - xact_before) / elapsed
-                everyone = [measured, *drainers]
-                await until(lambda c=committed, rs=everyone: all(r.count >= len(c) for r in rs), 30)
-                stop.set()
-                for task in tasks:
-                    task.cancel()
-                latencies = [max(0.0, measured.arrived[u] - at) for u, at in committed.items() if u in measured.arrived]
-                missing = sum(max(0, len(committed) - r.count) for r in everyone)
                 rows.append(
-                    [consumers, len(committed) / elapsed, *_percentiles(latencies), missing, xact, f"{cpu:.0%}"]
+                    await delivery_latency(session, url, token, pool, process, consumers, args.rate, args.seconds)
                 )
                 print(f"latency with {consumers} consumers: {rows[-1]}", file=sys.stderr)
         finally:
@@ -350,6 +368,32 @@ async def load_backlog(pool: asyncpg.Pool, count: int) -> None:
     await sequence_backlog(pool)
 
 
+async def raw_scan_rate(dsn: str) -> float:
+    """Events/s of a raw page scan of the stream's join (rows decoded): the floor for any reader in Python."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await init_connection(conn)
+        began, after, seen = time.perf_counter(), 0, 0
+        while rows := await conn.fetch(RAW_PAGE, after):
+            after, seen = rows[-1]["position"], seen + len(rows)
+        return seen / (time.perf_counter() - began)
+    finally:
+        await conn.close()
+
+
+async def long_poll_rate(session: aiohttp.ClientSession, base_url: str, token: str, total: int) -> float:
+    """Events/s of one HTTP long-poll consumer (``limit=1000``, bodies decoded) reading positions 1..``total``."""
+    headers = {"Authorization": f"Bearer {token}"}
+    began, after, seen = time.perf_counter(), 0, 0
+    while after < total:
+        async with session.get(
+            base_url + "/orvos/v1/events", params={"after": after, "limit": 1000}, headers=headers
+        ) as resp:
+            body = msgspec.json.decode(await resp.read())
+        after, seen = body["next_after"], seen + len(body["items"])
+    return seen / (time.perf_counter() - began)
+
+
 async def bench_catchup(dsn: str, args: argparse.Namespace, folder: Path) -> str:
     from api.context import POOL
 
@@ -363,24 +407,8 @@ async def bench_catchup(dsn: str, args: argparse.Namespace, folder: Path) -> str
         session = aiohttp.ClientSession()
         try:
             for _ in range(args.repeat):
-                # Raw page scan: the floor for any reader of this join in Python.
-                conn = await asyncpg.connect(dsn)
-                await init_connection(conn)
-                began, after, seen = time.perf_counter(), 0, 0
-                while rows_ := await conn.fetch(RAW_PAGE, after):
-                    after, seen = rows_[-1]["position"], seen + len(rows_)
-                raw = seen / (time.perf_counter() - began)
-                await conn.close()
-                # One HTTP long-poll consumer.
-                headers = {"Authorization": f"Bearer {token}"}
-                began, after, seen = time.perf_counter(), 0, 0
-                while after < total:
-                    async with session.get(
-                        base_url + "/orvos/v1/events", params={"after": after, "limit": 1000}, headers=headers
-                    ) as resp:
-                        body = msgspec.json.decode(await resp.read())
-                    after, seen = body["next_after"], seen + len(body["items"])
-                http = seen / (time.perf_counter() - began)
+                raw = await raw_scan_rate(dsn)
+                http = await long_poll_rate(session, base_url, token, total)
                 # One SSE consumer.
                 reader = SseReader(session, base_url + "/orvos/v1/events/stream", token, 0)
                 stop = asyncio.Event()
