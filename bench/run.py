@@ -76,8 +76,9 @@ ORDER: Final = (
     "bare select handler@1", "bare select handler@32", "HTTP create@1", "HTTP create@32", "HTTP get@1",
     "HTTP get@32", "HTTP list@1", "HTTP list@32", "service RSS under load", "stream catch-up raw page scan",
     "stream catch-up HTTP long-poll", "eventsourcing notification read (decoded)",
-    "Message DB get_category_messages (decoded)", "stream delivery latency (1 SSE consumer)", "fold in memory",
-    "rebuild (largest ledger)", "as-of long job (last version)",
+    "Message DB get_category_messages (decoded)", "stream delivery latency (1 SSE consumer)",
+    "fold in memory (per CPU second)", "fold in memory (wall time)", "rebuild (largest ledger)",
+    "as-of long job (last version)",
 )  # fmt: skip
 
 
