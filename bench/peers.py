@@ -36,7 +36,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import asyncpg
 import msgspec
 
-from bench.common import RunResult, run_workers, scratch_database
+from bench.common import RunResult, checkpoint_server, run_workers, scratch_database
 from bench.plan import RunConfig, Skip
 from bench.report import Results
 
@@ -189,6 +189,7 @@ class EventsourcingSuite:
         await self._open()
         try:
             for threads in cfg.peer_writers:
+                await checkpoint_server(self.server)  # as before every store-level run: all start alike
                 result = await asyncio.to_thread(run_threads, self._append, threads, cfg.seconds, cfg.warmup)
                 self.results.add_run(f"eventsourcing append@{threads}", result)
             rate = await asyncio.to_thread(self._read_all)
@@ -318,6 +319,7 @@ class MessageDbSuite:
         self.pool = await asyncpg.create_pool(self.dsn, min_size=size, max_size=size, server_settings=MDB_SETTINGS)
         try:
             for writers in cfg.peer_writers:
+                await checkpoint_server(self.server)  # as before every store-level run: all start alike
                 self.held = [await self.pool.acquire() for _ in range(writers)]
                 try:
                     result = await run_workers(self._write, writers, seconds=cfg.seconds, warmup=cfg.warmup)
