@@ -79,6 +79,15 @@ async def checkpoint(conn: asyncpg.Connection) -> None:
         await conn.execute("CHECKPOINT")
 
 
+async def checkpoint_server(dsn: str) -> None:
+    """``checkpoint`` on a connection of its own to ``dsn`` (a CHECKPOINT is cluster-wide)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await checkpoint(conn)
+    finally:
+        await conn.close()
+
+
 # ---- the load driver -------------------------------------------------------------------------------------
 async def backend_pids(conn: asyncpg.Connection) -> list[int]:
     """Process ids of the other server backends connected to ``conn``'s database."""

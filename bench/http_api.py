@@ -242,6 +242,24 @@ async def scratch_http_database(server_dsn: str) -> AsyncIterator[str]:
         await admin.close()
 
 
+async def seed_bare_table(dsn: str) -> None:
+    """Create the bare app's table (``RAW_TABLE`` with a primary key) and the rows its SELECTs read."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(RAW_TABLE)
+        await conn.execute("ALTER TABLE bench_raw_events ADD PRIMARY KEY (id)")
+        await conn.executemany(
+            RAW_INSERT,
+            [
+                (f"zzzzz-8i9sb-{i:015x}", 1, "submitted", '{"script_name": "hash"}', BARE_USER, None,
+                 f"req-seed-{i}", datetime.now(UTC), FAKE_HASH, FAKE_HASH)
+                for i in range(PRESEEDED_ROWS)
+            ],
+        )  # fmt: skip
+    finally:
+        await conn.close()
+
+
 # ---- the load --------------------------------------------------------------------------------------------
 class Load:
     """The five request kinds, on one client session per run (its connector limited to the worker count)."""
@@ -290,6 +308,9 @@ class Load:
             "GET", f"{self.servers.bare_url}/select/{random.randint(1, PRESEEDED_ROWS)}", 200, auth=False
         )
 
+    async def ping(self, worker: int) -> None:
+        await self._request("GET", self.servers.bare_url + "/healthz", 200, auth=False)
+
     async def prepare(self) -> None:
         """Pre-create the jobs that ``get`` reads."""
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8)) as self.session:
@@ -312,6 +333,7 @@ class Load:
             "get": self.get,
             "select": self.select,
             "list": self.list,
+            "ping": self.ping,
         }[variant]
         pid = self.servers.bare_pid if variant in ("insert", "select") else self.servers.ledger_pid
 
@@ -403,20 +425,7 @@ async def benchmark(server_dsn: str, args: argparse.Namespace) -> str:
     version = await server_version(server_dsn)
     measured = Measurements(args.connections)
     async with scratch_http_database(server_dsn) as dsn:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(RAW_TABLE)
-            await conn.execute("ALTER TABLE bench_raw_events ADD PRIMARY KEY (id)")
-            await conn.executemany(
-                RAW_INSERT,
-                [
-                    (f"zzzzz-8i9sb-{i:015x}", 1, "submitted", '{"script_name": "hash"}', BARE_USER, None,
-                     f"req-seed-{i}", datetime.now(UTC), FAKE_HASH, FAKE_HASH)
-                    for i in range(PRESEEDED_ROWS)
-                ],
-            )  # fmt: skip
-        finally:
-            await conn.close()
+        await seed_bare_table(dsn)
         servers = Servers(dsn)
         try:
             await servers.start()

@@ -69,6 +69,8 @@ RAW_PAGE: Final = (
     "e.request_id, e.recorded_at, e.prev_hash, e.hash FROM event_positions p JOIN events e ON e.id = p.event_id "
     "WHERE p.position > $1 ORDER BY p.position LIMIT $2"
 )
+# Events per page for catch-up, alike for the raw scan and the long-poll consumer.
+CATCHUP_PAGE: Final = 5000
 _counter = iter(range(10**12))
 
 
@@ -282,36 +284,54 @@ class Drainer:
                 tail = chunk[-8:]
 
 
+async def delivery_latency(
+    session: aiohttp.ClientSession,
+    url: str,
+    token: str,
+    pool: asyncpg.Pool,
+    process: psutil.Process,
+    consumers: int,
+    rate: float,
+    seconds: float,
+) -> list[Any]:
+    """Paced appends for ``seconds`` while ``consumers`` SSE readers of ``url`` receive them.
+
+    Returns ``[consumers, appends/s, p50, p90, p99, max ms, missing, db xact/s, server CPU]``: latency from
+    an append returning (committed) to its frame arriving at the first reader.
+    """
+    store = EventStore(pool)
+    head = await pool.fetchval("SELECT COALESCE(max(position), 0) FROM event_positions")
+    stop = asyncio.Event()
+    measured = SseReader(session, url, token, head)
+    drainers = [Drainer(session, url, token, head) for _ in range(consumers - 1)]
+    tasks = [asyncio.create_task(r.run(stop)) for r in (measured, *drainers)]
+    await asyncio.sleep(1.0)  # every consumer connected and idle
+    xact_before = await transactions(pool)
+    cpu_before = sum(process.cpu_times()[:2])
+    began = time.perf_counter()
+    committed = await paced_appends(store, rate, seconds)
+    elapsed = time.perf_counter() - began
+    cpu = (sum(process.cpu_times()[:2]) - cpu_before) / elapsed
+    xact = (await transactions(pool) - xact_before) / elapsed
+    everyone = [measured, *drainers]
+    await until(lambda c=committed, rs=everyone: all(r.count >= len(c) for r in rs), 30)
+    stop.set()
+    for task in tasks:
+        task.cancel()
+    latencies = [max(0.0, measured.arrived[u] - at) for u, at in committed.items() if u in measured.arrived]
+    missing = sum(max(0, len(committed) - r.count) for r in everyone)
+    return [consumers, len(committed) / elapsed, *_percentiles(latencies), missing, xact, f"{cpu:.0%}"]
+
+
 async def bench_latency(dsn: str, args: argparse.Namespace, folder: Path) -> str:
     rows = []
     async with served(dsn, folder) as (base_url, process, pool, token):
-        store = EventStore(pool)
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         url = base_url + "/orvos/v1/events/stream"
         try:
             for consumers in (1, args.idle):
-                head = await pool.fetchval("SELECT COALESCE(max(position), 0) FROM event_positions")
-                stop = asyncio.Event()
-                measured = SseReader(session, url, token, head)
-                drainers = [Drainer(session, url, token, head) for _ in range(consumers - 1)]
-                tasks = [asyncio.create_task(r.run(stop)) for r in (measured, *drainers)]
-                await asyncio.sleep(1.0)  # every consumer connected and idle
-                xact_before = await transactions(pool)
-                cpu_before = sum(process.cpu_times()[:2])
-                began = time.perf_counter()
-                committed = await paced_appends(store, args.rate, args.seconds)
-                elapsed = time.perf_counter() - began
-                cpu = (sum(process.cpu_times()[:2]) - cpu_before) / elapsed
-                xact = (await transactions(pool) - xact_before) / elapsed
-                everyone = [measured, *drainers]
-                await until(lambda c=committed, rs=everyone: all(r.count >= len(c) for r in rs), 30)
-                stop.set()
-                for task in tasks:
-                    task.cancel()
-                latencies = [max(0.0, measured.arrived[u] - at) for u, at in committed.items() if u in measured.arrived]
-                missing = sum(max(0, len(committed) - r.count) for r in everyone)
                 rows.append(
-                    [consumers, len(committed) / elapsed, *_percentiles(latencies), missing, xact, f"{cpu:.0%}"]
+                    await delivery_latency(session, url, token, pool, process, consumers, args.rate, args.seconds)
                 )
                 print(f"latency with {consumers} consumers: {rows[-1]}", file=sys.stderr)
         finally:
@@ -350,6 +370,35 @@ async def load_backlog(pool: asyncpg.Pool, count: int) -> None:
     await sequence_backlog(pool)
 
 
+async def raw_scan_rate(dsn: str, page: int = CATCHUP_PAGE) -> float:
+    """Events/s of a raw page scan of the stream's join (rows decoded, ``page`` rows a query): the floor for any
+    reader in Python."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await init_connection(conn)
+        began, after, seen = time.perf_counter(), 0, 0
+        while rows := await conn.fetch(RAW_PAGE, after, page):
+            after, seen = rows[-1]["position"], seen + len(rows)
+        return seen / (time.perf_counter() - began)
+    finally:
+        await conn.close()
+
+
+async def long_poll_rate(
+    session: aiohttp.ClientSession, base_url: str, token: str, total: int, page: int = CATCHUP_PAGE
+) -> float:
+    """Events/s of one HTTP long-poll consumer (``limit=page``, bodies decoded) reading positions 1..``total``."""
+    headers = {"Authorization": f"Bearer {token}"}
+    began, after, seen = time.perf_counter(), 0, 0
+    while after < total:
+        async with session.get(
+            base_url + "/orvos/v1/events", params={"after": after, "limit": page}, headers=headers
+        ) as resp:
+            body = msgspec.json.decode(await resp.read())
+        after, seen = body["next_after"], seen + len(body["items"])
+    return seen / (time.perf_counter() - began)
+
+
 async def bench_catchup(dsn: str, args: argparse.Namespace, folder: Path) -> str:
     from api.context import POOL
 
@@ -363,24 +412,8 @@ async def bench_catchup(dsn: str, args: argparse.Namespace, folder: Path) -> str
         session = aiohttp.ClientSession()
         try:
             for _ in range(args.repeat):
-                # Raw page scan: the floor for any reader of this join in Python.
-                conn = await asyncpg.connect(dsn)
-                await init_connection(conn)
-                began, after, seen = time.perf_counter(), 0, 0
-                while rows_ := await conn.fetch(RAW_PAGE, after, args.page):
-                    after, seen = rows_[-1]["position"], seen + len(rows_)
-                raw = seen / (time.perf_counter() - began)
-                await conn.close()
-                # One HTTP long-poll consumer.
-                headers = {"Authorization": f"Bearer {token}"}
-                began, after, seen = time.perf_counter(), 0, 0
-                while after < total:
-                    async with session.get(
-                        base_url + "/orvos/v1/events", params={"after": after, "limit": args.page}, headers=headers
-                    ) as resp:
-                        body = msgspec.json.decode(await resp.read())
-                    after, seen = body["next_after"], seen + len(body["items"])
-                http = seen / (time.perf_counter() - began)
+                raw = await raw_scan_rate(dsn, args.page)
+                http = await long_poll_rate(session, base_url, token, total, args.page)
                 # One SSE consumer.
                 reader = SseReader(session, base_url + "/orvos/v1/events/stream", token, 0)
                 stop = asyncio.Event()
@@ -499,7 +532,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="repeats of append and catch-up (default 3)")
     parser.add_argument("--rate", type=float, default=1000.0, help="appends/s for the latency part (default 1000)")
     parser.add_argument("--backlog", type=int, default=50_000, help="events for the catch-up part (default 50000)")
-    parser.add_argument("--page", type=int, default=5000,
+    parser.add_argument("--page", type=int, default=CATCHUP_PAGE,
                         help="events per page for catch-up, raw scan and long-poll alike (default 5000)")  # fmt: skip
     parser.add_argument("--idle", type=int, default=100, help="SSE consumers for latency and memory (default 100)")
     return parser.parse_args(argv)
