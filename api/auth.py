@@ -20,7 +20,10 @@ from ledger.users import TokenInfo, lookup_token, token_digest
 CACHE_SECONDS: Final = 2.0
 # The authenticated caller, kept on the request for the access log.
 CALLER: Final[Any] = web.RequestKey("caller", Caller) if hasattr(web, "RequestKey") else "caller"
+# Set (by api.methods' tunnel) on a POST that carries a GET in a form body: its api_token may be in the body.
+TUNNELLED_GET: Final[Any] = web.RequestKey("tunnelled_get", bool) if hasattr(web, "RequestKey") else "tunnelled_get"
 _CACHE_LIMIT: Final = 10_000
+_FORM_TYPE: Final = "application/x-www-form-urlencoded"
 
 
 def presented_token(request: web.Request) -> str | None:
@@ -30,6 +33,15 @@ def presented_token(request: web.Request) -> str | None:
     if scheme.lower() in ("bearer", "oauth2") and value.strip():
         return value.strip()
     return request.query.get("api_token") or None
+
+
+async def tunnelled_token(request: web.Request) -> str | None:
+    """``api_token`` from the form body of a tunnelled GET (googleapiclient moves the whole query there,
+    the token with it); never from any other body."""
+    if not request.get(TUNNELLED_GET) or request.content_type != _FORM_TYPE:
+        return None
+    value = (await request.post()).get("api_token")  # parsed once; request_parameters reuses it
+    return value if isinstance(value, str) and value else None
 
 
 class Authenticator:
@@ -53,7 +65,7 @@ class Authenticator:
 
     async def caller(self, request: web.Request) -> Caller:
         """The authenticated caller, or ``ApiError(401)``."""
-        token = presented_token(request)
+        token = presented_token(request) or await tunnelled_token(request)
         if token is None:
             raise ApiError(401, "Not logged in")
         if not token.isascii() or not token.isprintable():

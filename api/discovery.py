@@ -32,7 +32,7 @@ DESCRIPTION: Final = (
     "a job's history, the global event stream and signed checkpoints of the ledger are part of the API."
 )
 # Schemas of resources whose uuids have a fixed type infix (Arvados publishes it as uuidPrefix).
-UUID_INFIXES: Final[dict[str, str]] = {"Job": "8i9sb"}
+UUID_INFIXES: Final[dict[str, str]] = {"Job": "8i9sb", "User": "tpzed"}
 
 _log = logging.getLogger("jobledger.api")
 _DOCUMENTS: Final = web.AppKey("rendered_documents", dict[tuple[str, str], bytes])
@@ -270,6 +270,8 @@ def _typed_default(param: Param) -> Any:
     assert param.default is not None
     if param.type == "integer":
         return int(param.default)
+    if param.type == "number":
+        return float(param.default)
     if param.type == "boolean":
         return param.default.lower() in ("true", "1")
     if param.type in ("array", "object"):

@@ -403,7 +403,7 @@ EVENT_METHODS: Final[tuple[Method, ...]] = (
            "waits up to that many seconds for an event if there is none yet (long-poll).",
            (*_STREAM_PARAMS,
             Param("limit", "integer", "Maximum events to return (clamped to 10000).", default="100"),
-            Param("wait", "integer", "Seconds (0 to 60, fractions allowed) to wait for an event if none is "
+            Param("wait", "number", "Seconds (0 to 60, fractions allowed) to wait for an event if none is "
                   "available yet.", default="0")),
            response="EventList"),
     Method("events", "stream", "GET", "events/stream", stream_events,

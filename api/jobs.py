@@ -27,14 +27,15 @@ _CONTROL_PARAMETERS: Final = frozenset(
 )  # fmt: skip
 
 
-def job_response(job: Job, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    """The job as JSON, with its etag as the HTTP ``ETag``."""
+def job_response(
+    job: Job, status: int = 200, headers: dict[str, str] | None = None, select: tuple[str, ...] | None = None
+) -> web.Response:
+    """The job as JSON (only the ``select``ed attributes, if given), with its etag as the HTTP ``ETag``."""
     all_headers = {"ETag": f'"{job.etag}"'}
     if headers:
         all_headers.update(headers)
-    return web.Response(
-        status=status, body=msgspec.json.encode(job), content_type="application/json", headers=all_headers
-    )
+    body = msgspec.json.encode(job if select is None else listing.project(job, select))
+    return web.Response(status=status, body=body, content_type="application/json", headers=all_headers)
 
 
 def job_uuid(request: web.Request) -> str:
@@ -63,12 +64,13 @@ def _if_match(request: web.Request) -> str | None:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    """GET jobs/{uuid}, optionally ``as_of_version`` / ``as_of`` (folded from the events)."""
+    """GET jobs/{uuid}, optionally ``as_of_version`` / ``as_of`` (folded from the events) and ``select``."""
     caller = await authenticate(request)
     uuid = job_uuid(request)
+    select = listing.select_parameter(request.query)  # refused (400/422) before anything is read
     if "as_of_version" in request.query or "as_of" in request.query:
-        return await provenance.job_as_of(request, caller, uuid)
-    return job_response(await request.app[JOBS].get(caller, uuid))
+        return await provenance.job_as_of(request, caller, uuid, select)
+    return job_response(await request.app[JOBS].get(caller, uuid), select=select)
 
 
 async def create_job(request: web.Request) -> web.StreamResponse:

@@ -99,7 +99,7 @@ def parse_list_parameters(
         owner_uuid=None if reads_everything(caller) else caller.user_uuid,
         queue=queue,
     )
-    return query, parse_select(parse_json_param(params, "select"))
+    return query, select_parameter(params)
 
 
 def parse_filters(value: Any) -> tuple[Condition, ...]:
@@ -174,8 +174,18 @@ def parse_select(value: Any) -> tuple[str, ...] | None:
     return tuple(name for name in JOB_ATTRIBUTES if name in chosen)
 
 
+def select_parameter(params: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The ``select`` parameter of a list or a get, validated (400 not JSON, 422 not attribute names)."""
+    return parse_select(parse_json_param(params, "select"))
+
+
+def project(job: Job, select: tuple[str, ...]) -> dict[str, Any]:
+    """Only the selected attributes of ``job``."""
+    return {name: getattr(job, name) for name in select}
+
+
 def _project(jobs: list[Job], select: tuple[str, ...]) -> list[dict[str, Any]]:
-    return [{name: getattr(job, name) for name in select} for job in jobs]
+    return [project(job, select) for job in jobs]
 
 
 def _json(value: Any) -> web.Response:

@@ -11,9 +11,10 @@ from typing import Final, Literal
 from aiohttp import web
 
 from api import jobs, listing
+from api.auth import TUNNELLED_GET
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-ParamType = Literal["string", "integer", "boolean", "array", "object"]
+ParamType = Literal["string", "integer", "number", "boolean", "array", "object"]
 BASE_PATH: Final = "/orvos/v1/"
 
 
@@ -92,7 +93,9 @@ JOB_METHODS: Final[tuple[Method, ...]] = (
            "How many jobs are queued and unlocked.", response="QueueSize"),
     Method("jobs", "get", "GET", "jobs/{uuid}", jobs.get_job,
            "Get a job; with as_of_version or as_of, the job as it was then, folded from its events.",
-           (UUID_PARAM, *AS_OF_PARAMS), response="Job", aliases=("show",)),
+           (UUID_PARAM, *AS_OF_PARAMS,
+            Param("select", "array", "Attributes to return (JSON array), as for list; kind is always included.")),
+           response="Job", aliases=("show",)),
     Method("jobs", "create", "POST", "jobs", jobs.create_job,
            "Submit a job: 201 with Location when new; 200 when an identical unfailed job, or the caller's job "
            "with the same submit_id, is returned instead.", CREATE_PARAMS, request="Job", response="Job",
@@ -124,10 +127,11 @@ JOB_METHODS: Final[tuple[Method, ...]] = (
 
 
 def all_methods() -> tuple[Method, ...]:
-    """Every method of the API: jobs, the event stream (``api/events.py``), the ledger (``api/provenance.py``)."""
-    from api import events, provenance
+    """Every method of the API: jobs, the event stream (``api/events.py``), the ledger (``api/provenance.py``),
+    users (``api/users.py``)."""
+    from api import events, provenance, users
 
-    return JOB_METHODS + events.EVENT_METHODS + provenance.LEDGER_METHODS
+    return JOB_METHODS + events.EVENT_METHODS + provenance.LEDGER_METHODS + users.USER_METHODS
 
 
 @web.middleware
@@ -139,16 +143,15 @@ async def method_override_middleware(request: web.Request, handler: Handler) -> 
     ``jobs.queue`` or ``events.list`` would otherwise be a 405. ``POST jobs`` is routed (create) and tunnels
     itself. Only methods without path parameters qualify: their handlers need nothing of the route's match,
     and no method with path parameters takes a parameter long enough to be tunnelled. Not being a route, the
-    tunnel adds nothing to the method table or the documents.
+    tunnel adds nothing to the method table or the documents. A tunnelled request is marked, so that
+    ``api.auth`` reads an ``api_token`` from its form body too (and from no other POST's).
     """
-    if (
-        request.method == "POST"
-        and request.headers.get("X-HTTP-Method-Override", "").upper() == "GET"
-        and isinstance(request.match_info.http_exception, web.HTTPMethodNotAllowed)
-    ):
+    if request.method == "POST" and request.headers.get("X-HTTP-Method-Override", "").upper() == "GET":
         match = await request.app.router.resolve(request.clone(method="GET"))
         if match.http_exception is None and not match:  # routed for GET, and no path parameters
-            return await match.handler(request)
+            request[TUNNELLED_GET] = True  # a real tunnel: its form body may carry api_token (api.auth)
+            if isinstance(request.match_info.http_exception, web.HTTPMethodNotAllowed):
+                return await match.handler(request)
     return await handler(request)
 
 

@@ -68,8 +68,11 @@ async def job_events(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-async def job_as_of(request: web.Request, caller: Caller, uuid: str) -> web.Response:
-    """GET jobs/{uuid}?as_of_version=N | as_of=T: the job as it was then, folded from its events."""
+async def job_as_of(
+    request: web.Request, caller: Caller, uuid: str, select: tuple[str, ...] | None = None
+) -> web.Response:
+    """GET jobs/{uuid}?as_of_version=N | as_of=T: the job as it was then, folded from its events (``select``:
+    only those attributes)."""
     query = request.query
     if "as_of_version" in query and "as_of" in query:
         raise ApiError(422, "give as_of_version or as_of, not both")
@@ -88,7 +91,7 @@ async def job_as_of(request: web.Request, caller: Caller, uuid: str) -> web.Resp
         job = await job_at_time(pool, uuid, moment)
     if job is None:
         raise ApiError(404, f"job {uuid} did not exist at {query.get('as_of')}")
-    return jobs.job_response(job)
+    return jobs.job_response(job, select=select)
 
 
 async def checkpoint(request: web.Request) -> web.Response:

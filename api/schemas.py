@@ -21,6 +21,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from api.payloads import CLIENT_ATTRIBUTES, RESOURCE_LIMIT_KEYS
+from ledger.access import Role
 from ledger.checkpoint import HASH_PATTERN, KEY_ID_PATTERN, MESSAGE_HEADER, Checkpoint
 from projections.job import EVENT_TYPES, JOB_KIND, Job
 
@@ -197,6 +198,29 @@ class PublicKey(msgspec.Struct, kw_only=True):
     pem: Annotated[str, Meta(description="The public key as PEM (SubjectPublicKeyInfo).")]
 
 
+USER_KIND: Final = "orvos#user"
+
+
+class User(msgspec.Struct, kw_only=True):
+    """The caller, as users.current returns it: the subset of an Arvados user that jobledger has.
+
+    ``username`` repeats ``name`` under the Arvados spelling that Arvados tools read; ``is_active`` is always
+    true (a user who can authenticate is active here). Arvados' names, e-mail, prefs and invitation
+    attributes have no counterpart in jobledger and are left out rather than sent empty.
+    """
+
+    kind: Annotated[Literal["orvos#user"], Meta(description="Always orvos#user.")] = USER_KIND
+    uuid: Annotated[str, Meta(pattern="^[0-9a-z]{5}-tpzed-[0-9a-z]{15}$", description="The user's UUID.")]
+    etag: Annotated[str, Meta(description="Changes whenever the user's name or role does.")]
+    href: Annotated[str, Meta(description="The user's path, relative to the API base.")]
+    created_at: Annotated[str, _TIMESTAMP]
+    name: Annotated[str, Meta(description="The user's unique name.")]
+    username: Annotated[str, Meta(description="The same as name (the Arvados attribute's name).")]
+    role: Annotated[Role, Meta(description="What the user may do (CONTRACT §2).")]
+    is_admin: Annotated[bool, Meta(description="Whether role is admin.")]
+    is_active: Annotated[bool, Meta(description="Always true: only active users can authenticate.")] = True
+
+
 SCHEMA_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (
     Job,
     JobList,
@@ -208,6 +232,7 @@ SCHEMA_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (
     Error,
     Checkpoint,
     PublicKey,
+    User,
 )
 
 

@@ -35,6 +35,12 @@ class User(msgspec.Struct, frozen=True, kw_only=True):
     role: Role
 
 
+class StoredUser(User, frozen=True, kw_only=True):
+    """A user account as read back from the database, with when it was created."""
+
+    created_at: datetime
+
+
 class IssuedToken(msgspec.Struct, frozen=True, kw_only=True):
     """A freshly made token: ``token`` is the secret, shown only this once."""
 
@@ -151,6 +157,14 @@ async def lookup_token(pool: asyncpg.Pool, secret: str) -> TokenInfo | None:
         read_only=row["read_only"],
         expires_at=row["expires_at"],
     )
+
+
+async def get_user(pool: asyncpg.Pool, uuid: str) -> StoredUser | None:
+    """The user with ``uuid`` as stored (with when it was created), or None if there is none."""
+    row = await pool.fetchrow("SELECT uuid, name, role, created_at FROM users WHERE uuid = $1", uuid)
+    if row is None:
+        return None
+    return StoredUser(uuid=row["uuid"], name=row["name"], role=row["role"], created_at=row["created_at"])
 
 
 async def bootstrap_admin(pool: asyncpg.Pool, uuid_prefix: str) -> IssuedToken | None:

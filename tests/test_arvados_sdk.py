@@ -52,6 +52,7 @@ class SeenRequest:
     path: str
     override: str | None  # the X-HTTP-Method-Override header
     status: int
+    query: str = field(default="", compare=False)  # the query string as sent
 
 
 @dataclass
@@ -113,7 +114,7 @@ async def sdk_service(
     async def record(request: web.Request, response: web.StreamResponse) -> None:
         # on_response_prepare runs before the response leaves: the record exists before the SDK call returns.
         override = request.headers.get("X-HTTP-Method-Override")
-        seen.append(SeenRequest(request.method, request.path, override, response.status))
+        seen.append(SeenRequest(request.method, request.path, override, response.status, request.query_string))
 
     harness = await start_service(
         settings, database_dsn, tls=tls, configure=lambda app: app.on_response_prepare.append(record)
@@ -157,6 +158,37 @@ async def test_get_returns_what_create_returned_and_carries_the_sdk_request_id(s
     assert got["owner_uuid"] == user.user_uuid
     history = await sdk(lambda: api.jobs().events(uuid=created["uuid"]).execute())
     assert [event["request_id"] for event in history["items"]] == [request_id]
+
+
+async def test_users_current_is_the_token_holder_and_checks_the_token(sdk_service: SdkService) -> None:
+    user, api = await sdk_service.user("dispatcher")
+    current = await sdk(lambda: api.users().current().execute())
+    assert (current["kind"], current["uuid"], current["role"]) == ("orvos#user", user.user_uuid, "dispatcher")
+    assert (current["is_admin"], current["is_active"]) == (False, True)
+    # Arvados tools check a token this way: an unknown one is a 401 (not retried).
+    stranger = await sdk_service.api("v2-not-a-token")
+    with pytest.raises(arvados.errors.ApiError) as refused:
+        await sdk(lambda: stranger.users().current().execute())
+    assert refused.value.resp.status == 401
+    assert [seen.status for seen in sdk_service.requests_to("users/current")] == [200, 401]
+
+
+async def test_get_with_select_and_a_fractional_wait(sdk_service: SdkService) -> None:
+    _, api = await sdk_service.user()
+    # wait is a number: 0.5 travels as 0.5 (as an integer parameter, googleapiclient sent int(0.5), "0"). The
+    # ledger is empty, so the long poll waits it out.
+    started = asyncio.get_running_loop().time()
+    idle = await sdk(lambda: api.events().list(wait=0.5).execute())
+    assert (idle["items"], idle["head"]) == ([], 0)
+    assert asyncio.get_running_loop().time() - started >= 0.5  # it waited, so it was not sent as 0
+    assert "wait=0.5" in sdk_service.requests_to("events")[-1].query.split("&")
+    job = await sdk(lambda: api.jobs().create(body={"job": JOB}).execute())
+    # select is declared on get: the SDK sends it (undeclared, googleapiclient raised TypeError client-side).
+    narrow = await sdk(lambda: api.jobs().get(uuid=job["uuid"], select=["uuid", "state"]).execute())
+    assert narrow == {"kind": "orvos#job", "uuid": job["uuid"], "state": "Queued"}
+    with pytest.raises(arvados.errors.ApiError) as invalid:
+        await sdk(lambda: api.jobs().get(uuid=job["uuid"], select=["no_such_attribute"]).execute())
+    assert invalid.value.resp.status == 422
 
 
 async def test_list_filters_orders_and_pages(sdk_service: SdkService) -> None:

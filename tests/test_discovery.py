@@ -31,7 +31,9 @@ from ledger.config import Settings
 from projections.job import Job
 from tests.harness import ServiceHarness
 
-EXPECTED_SCHEMAS = {"Job", "JobList", "Event", "EventList", "QueueSize", "StartRequest", "FinishRequest", "Error"}
+EXPECTED_SCHEMAS = {
+    "Job", "JobList", "Event", "EventList", "QueueSize", "StartRequest", "FinishRequest", "Error", "User"
+}  # fmt: skip
 UNKNOWN_JOB = "zzzzz-8i9sb-000000000000000"
 
 
@@ -157,6 +159,15 @@ async def test_every_method_appears_with_its_path_http_method_and_parameters(ser
             if method.response:
                 assert entry["response"] == {"$ref": method.response}
     assert len(entries) == sum(1 + len(method.aliases) for method in all_methods())
+    # What the Arvados SDK needs of three of them: wait a number (googleapiclient casts an integer with int()),
+    # select declared on get (an undeclared keyword is a TypeError in the client), users.current a User.
+    assert entries["events.list"]["parameters"]["wait"]["type"] == "number"
+    assert entries["jobs.get"]["parameters"]["select"]["type"] == "array"
+    assert (entries["users.current"]["path"], entries["users.current"]["response"]) == (
+        "users/current",
+        {"$ref": "User"},
+    )
+    assert doc["schemas"]["User"]["uuidPrefix"] == "tpzed"
 
 
 async def test_request_bodies_have_the_shapes_googleapiclient_needs(service: ServiceHarness) -> None:
@@ -369,6 +380,11 @@ async def test_openapi_document_is_valid_and_has_every_method(service: ServiceHa
     assert set(doc["paths"]["/orvos/v1/jobs/{uuid}"]["delete"]["responses"]) == {"405"}
     limit = next(p for p in doc["paths"]["/orvos/v1/jobs"]["get"]["parameters"] if p["name"] == "limit")
     assert limit["schema"] == {"type": "integer", "default": 100}
+    wait = next(p for p in doc["paths"]["/orvos/v1/events"]["get"]["parameters"] if p["name"] == "wait")
+    assert wait["schema"] == {"type": "number", "default": 0.0}  # fractions of a second are allowed
+    current = doc["paths"]["/orvos/v1/users/current"]["get"]
+    assert current["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/User"}
+    assert "401" in current["responses"]
 
 
 async def test_both_documents_cover_exactly_the_routed_methods(service: ServiceHarness, settings: Settings) -> None:
