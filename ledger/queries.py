@@ -327,7 +327,7 @@ def _where_sql(query: ListQuery, params: _Params) -> str:
     return " WHERE " + " AND ".join(clauses) if clauses else ""
 
 
-def _order_sql(query: ListQuery) -> str:
+def _order_sql(query: ListQuery, table: str = "") -> str:
     keys = [(key.attribute, key.descending) for key in query.order]
     if not keys:
         keys = list(QUEUE_ORDER if query.queue else DEFAULT_ORDER)
@@ -337,7 +337,7 @@ def _order_sql(query: ListQuery) -> str:
         column(attribute, "order")
         if attribute not in seen:
             seen.add(attribute)
-            parts.append(f"{attribute} {'DESC' if descending else 'ASC'}")
+            parts.append(f"{table}{attribute} {'DESC' if descending else 'ASC'}")
     return " ORDER BY " + ", ".join(parts)
 
 
@@ -356,24 +356,46 @@ def build_sql(query: ListQuery) -> tuple[str, str | None, list[Any]]:
     return page_sql, count_sql, params.values
 
 
+def counted_page_sql(query: ListQuery) -> tuple[str, list[Any]]:
+    """The page and its ``items_available`` as one statement, with its bind values.
+
+    One row per job of the page, each carrying the count; an empty page is one row whose job columns are all
+    NULL. One statement is one snapshot, so the count and the page agree without a transaction around them.
+    The outer ORDER BY repeats the page's: SQL promises no row order from a join, whatever the plan does.
+    """
+    page_sql, count_sql, values = build_sql(query)
+    assert count_sql is not None
+    sql = (
+        f"SELECT c.items_available, p.* FROM ({count_sql.replace('count(*)', 'count(*) AS items_available', 1)}) c "
+        f"LEFT JOIN LATERAL ({page_sql}) p ON true{_order_sql(query, 'p.')}"
+    )
+    return sql, values
+
+
 async def list_jobs(pool: asyncpg.Pool, query: ListQuery) -> ListResult:
     """One page of the jobs matching ``query``, and (if ``query.count``) how many match in all.
 
     A separate COUNT beat ``count(*) OVER ()`` on 100k rows (the window forces every matching row to be read
     and sorted before the first is returned, where the page alone can stop after LIMIT + OFFSET index
-    entries). Both statements run in one read-only REPEATABLE READ transaction, so the count and the page
-    come from the same snapshot.
+    entries). The count and the page travel as one statement (``counted_page_sql``): one round trip, where a
+    transaction around two statements took four (BEGIN, page, count, COMMIT), each costing the service and
+    the server CPU.
     """
-    page_sql, count_sql, values = build_sql(query)
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        try:
-            rows = await conn.fetch(page_sql, *values)
-            total = None if count_sql is None else await conn.fetchval(count_sql, *values[:-2])
-        except asyncpg.DataError as exc:
-            # An operand PostgreSQL cannot represent (the checks above should have caught it): still the
-            # client's value, so 422 rather than a server error.
-            raise Invalid(f"Invalid operand in filters: {exc.__class__.__name__}") from None
-    return ListResult([row_to_job(row) for row in rows], total)
+    try:
+        if query.count:
+            sql, values = counted_page_sql(query)
+            rows = await pool.fetch(sql, *values)
+            total = rows[0]["items_available"]
+            jobs = [row_to_job(row) for row in rows if row["uuid"] is not None]
+        else:
+            page_sql, _, values = build_sql(query)
+            rows, total = await pool.fetch(page_sql, *values), None
+            jobs = [row_to_job(row) for row in rows]
+    except asyncpg.DataError as exc:
+        # An operand PostgreSQL cannot represent (the checks above should have caught it): still the client's
+        # value, so 422 rather than a server error.
+        raise Invalid(f"Invalid operand in filters: {exc.__class__.__name__}") from None
+    return ListResult(jobs, total)
 
 
 async def queue_size(pool: asyncpg.Pool) -> int:
