@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import multiprocessing
 import os
+import pickle
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import aclosing, asynccontextmanager, suppress
 from typing import Any, Final, Literal
 
@@ -281,7 +281,10 @@ async def _imported(conn: asyncpg.Connection, snapshot: str) -> AsyncIterator[No
 
 # ---- the pass in worker processes --------------------------------------------------------------------------
 Bounds = tuple[str | None, str | None]  # job uuids: from the first (inclusive) to the second (exclusive)
-_EXECUTOR: ProcessPoolExecutor | None = None
+# A worker is this interpreter running ledger.verify_worker: a fresh process that imports only what the pass
+# needs, unlike multiprocessing's spawn, which re-runs the caller's main module (a script without a
+# ``__name__ == "__main__"`` guard would start verifying again in every worker).
+_WORKER: Final = (sys.executable, "-m", "ledger.verify_worker")
 
 
 def _cpus() -> int:
@@ -299,33 +302,34 @@ async def _ranges(conn: asyncpg.Connection, positions: int, parts: int) -> list[
     return list(itertools.pairwise(edges))
 
 
-def _executor(workers: int) -> ProcessPoolExecutor:
-    """The worker processes, started once and kept: a second verify need not pay for starting them again."""
-    global _EXECUTOR
-    if _EXECUTOR is None or _EXECUTOR._max_workers < workers:
-        if _EXECUTOR is not None:
-            _EXECUTOR.shutdown()
-        # spawn, not fork: forking a process with a running event loop and open connections is unsafe.
-        _EXECUTOR = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    return _EXECUTOR
-
-
 async def _in_workers(pool: asyncpg.Pool, snapshot: str, bounds: list[Bounds]) -> list[_RangeResult]:
     """``_LedgerPass`` over each range, each in a worker process, all in ``snapshot``; in range order."""
     # The pool's own connection arguments (DSN, server settings), so the workers connect as its connections do.
-    args, kwargs = tuple(pool._connect_args), dict(pool._connect_kwargs)
-    executor = _executor(len(bounds))
-    loop = asyncio.get_running_loop()
-    calls = [loop.run_in_executor(executor, _range_worker, args, kwargs, snapshot, part) for part in bounds]
-    return list(await asyncio.gather(*calls))
+    connect = (tuple(pool._connect_args), dict(pool._connect_kwargs))
+    return list(await asyncio.gather(*(_in_worker(connect, snapshot, part) for part in bounds)))
 
 
-def _range_worker(args: tuple[Any, ...], kwargs: dict[str, Any], snapshot: str, bounds: Bounds) -> _RangeResult:
-    """In a worker process: the pass over one range of job uuids."""
-    return asyncio.run(_range_pass(args, kwargs, snapshot, bounds))
+async def _in_worker(connect: tuple[tuple[Any, ...], dict[str, Any]], snapshot: str, bounds: Bounds) -> _RangeResult:
+    """One range in one worker process: the request on its stdin, the pickled ``_RangeResult`` on its stdout."""
+    worker = await asyncio.create_subprocess_exec(
+        *_WORKER, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await worker.communicate(pickle.dumps((connect, snapshot, bounds)))
+    finally:
+        if worker.returncode is None:  # cancelled: the worker must not outlive the verify
+            worker.kill()
+            await worker.wait()
+    if worker.returncode != 0:
+        raise RuntimeError(f"verify worker failed ({worker.returncode}): {err.decode(errors='replace')[-2000:]}")
+    result = pickle.loads(out)
+    assert isinstance(result, _RangeResult)
+    return result
 
 
-async def _range_pass(args: tuple[Any, ...], kwargs: dict[str, Any], snapshot: str, bounds: Bounds) -> _RangeResult:
+async def range_pass(connect: tuple[tuple[Any, ...], dict[str, Any]], snapshot: str, bounds: Bounds) -> _RangeResult:
+    """The pass over one range of job uuids on connections of its own, in ``snapshot`` (a worker's job)."""
+    args, kwargs = connect
     conn = await asyncpg.connect(*args, **kwargs)
     try:
         jobs_conn = await asyncpg.connect(*args, **kwargs)
@@ -512,7 +516,7 @@ class _LedgerPass:
         if stored_row["uuid"] != job_uuid:
             self.unmatched = (job_uuid, stored_row["uuid"])
             return stored_row
-        self.difference = replay_difference(history, stored_row)
+        self.difference = replay_difference(history, stored_row, floats_marked=True)  # see _marking_floats
         return await anext(job_rows, None)
 
 
