@@ -12,7 +12,8 @@ Three measurements, the first two each in a scratch database of its own:
   for comparison. Reports the median and p95 of ``--repeat`` requests each, after one warm-up request.
 * **verify** (target: at least 100,000 events/s): a ledger of ``--events`` events (jobs of five events each:
   submitted, updated, locked, started, finished, interleaved across jobs as concurrent work would be),
-  verified by ``ledger.verify.verify_ledger`` (one pass), and for comparison by ``verify_job_chains`` and
+  verified by ``ledger.verify.verify_ledger`` (one pass, split over a worker process per CPU, and in one
+  process for comparison), and for comparison by ``verify_job_chains`` and
   ``check_read_model`` alone, beside a raw page scan of the same ``events`` table in the same run: a cursor
   fetching every column of every row into Python (the floor for any verifier written in Python) and
   PostgreSQL scanning it alone (``count(*)``).
@@ -266,8 +267,8 @@ async def bench_verify(server: str, events: int) -> tuple[list[list[object]], di
             count = await load(dsn, ledger_rows(events), pool)
             load_seconds = time.perf_counter() - began
 
-            async def verify_all() -> Any:
-                report = await verify_ledger(pool)
+            async def verify_all(workers: int | None = None) -> Any:
+                report = await verify_ledger(pool, workers=workers)
                 assert report.ok, report.findings
                 return report
 
@@ -281,7 +282,8 @@ async def bench_verify(server: str, events: int) -> tuple[list[list[object]], di
             cases: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
                 ("raw page scan: every row into Python", lambda: raw_scan(pool)),
                 ("raw page scan: PostgreSQL alone (count(*))", server_scan),
-                ("verify_ledger (one pass: both chains and the read model)", verify_all),
+                ("verify_ledger (both chains and the read model; a worker process per CPU)", verify_all),
+                ("verify_ledger in one process (workers=1)", lambda: verify_all(workers=1)),
                 ("for comparison: job chains alone (verify_job_chains)", lambda: no_break(verify_job_chains)),
                 ("for comparison: read model alone (check_read_model)", lambda: no_break(check_read_model)),
             ]

@@ -1,6 +1,7 @@
 """A job as it was: the pure ``fold`` of a prefix of its history (up to a version, or up to a time).
 
-Only what the fold needs is read (no hashes, no positions), and ``recorded_at`` is formatted by PostgreSQL
+Only what the fold needs is read (no hashes, no positions), ``data`` as JSON text decoded straight into the
+event's struct (``decode_event_json``), and ``recorded_at`` is formatted by PostgreSQL
 in exactly ``projections.timefmt``'s form, so a job with 10,000 events folds in well under 50 ms
 (``bench/provenance.py``) without per-job snapshots. A job's events never go backwards in time (the
 ``events_job_time`` check of ``schema.sql``), so the events at or before a moment are always a prefix of its
@@ -15,7 +16,7 @@ from typing import Final
 
 import asyncpg
 
-from projections.job import Job, Recorded, decode_event, fold
+from projections.job import Job, Recorded, decode_event_json, fold
 
 
 def utc_text(column: str) -> str:
@@ -27,7 +28,7 @@ def utc_text(column: str) -> str:
 
 
 _FOLD_COLUMNS: Final = (
-    f"version, event_type, data, actor_user_uuid, actor_client_uuid, request_id, {utc_text('recorded_at')}"
+    f"version, event_type, data::text, actor_user_uuid, actor_client_uuid, request_id, {utc_text('recorded_at')}"
 )
 UP_TO_VERSION: Final = f"SELECT {_FOLD_COLUMNS} FROM events WHERE job_uuid = $1 AND version <= $2 ORDER BY version"
 UP_TO_TIME: Final = f"SELECT {_FOLD_COLUMNS} FROM events WHERE job_uuid = $1 AND recorded_at <= $2 ORDER BY version"
@@ -38,7 +39,7 @@ def _fold(job_uuid: str, rows: Sequence[asyncpg.Record]) -> Job | None:
         Recorded(
             job_uuid=job_uuid,
             version=row[0],
-            event=decode_event(row[1], row[2]),
+            event=decode_event_json(row[1], row[2]),
             actor_user_uuid=row[3],
             actor_client_uuid=row[4],
             request_id=row[5],

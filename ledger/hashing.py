@@ -168,6 +168,10 @@ def chain_hash(previous_chain_hash: str, position: int, event_hash_hex: str) -> 
     return hashlib.sha256(material).hexdigest()
 
 
-def digest_parameters(parameters: dict[str, Any]) -> str:
-    """Key-order-independent digest of ``script_parameters``, for finding identical jobs through an index."""
-    return hashlib.sha256(canonical_json(parameters)).hexdigest()
+def digest_parameters(parameters: dict[str, Any], *, floats_marked: bool = False) -> str:
+    """Key-order-independent digest of ``script_parameters``, for finding identical jobs through an index.
+
+    ``floats_marked``: as in ``event_hash`` (a verifier re-derives one digest per job of the ledger).
+    """
+    encoded = float_free_canonical_json(parameters) if floats_marked else canonical_json(parameters)
+    return hashlib.sha256(encoded).hexdigest()

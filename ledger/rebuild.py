@@ -213,10 +213,11 @@ def timestamp_text(moment: datetime | str) -> str:
     return moment.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
-def _replay(history: Sequence[asyncpg.Record]) -> tuple[Any, ...]:
+def _replay(history: Sequence[asyncpg.Record], *, floats_marked: bool = False) -> tuple[Any, ...]:
     """Fold one job's event rows into its read-model row (the values of ``ALL_COLUMNS``).
 
-    Raises ``ReplayError`` if the events do not decode or do not fold.
+    Raises ``ReplayError`` if the events do not decode or do not fold. ``floats_marked``: the rows' ``data``
+    was read with ``ledger.hashing.decode_marking_floats``.
     """
     try:
         records = [_recorded(row) for row in history]
@@ -224,7 +225,7 @@ def _replay(history: Sequence[asyncpg.Record]) -> tuple[Any, ...]:
     except (IllegalTransition, ValueError):
         raise _locate_failure(history) from None
     assert job is not None  # history is never empty
-    return job_to_row(job, history[-1][_HASH], records[-1].recorded_at)
+    return job_to_row(job, history[-1][_HASH], records[-1].recorded_at, floats_marked=floats_marked)
 
 
 def _locate_failure(history: Sequence[asyncpg.Record]) -> ReplayError:
@@ -370,10 +371,12 @@ def _unmatched(history: list[asyncpg.Record] | None, row: asyncpg.Record | None)
     return Difference(job_uuid=row["uuid"], problem="extra")
 
 
-def replay_difference(history: Sequence[asyncpg.Record], row: asyncpg.Record) -> Difference | None:
-    """The difference between one job's replay and its stored row, if any."""
+def replay_difference(
+    history: Sequence[asyncpg.Record], row: asyncpg.Record, *, floats_marked: bool = False
+) -> Difference | None:
+    """The difference between one job's replay and its stored row, if any (``floats_marked`` as in ``_replay``)."""
     try:
-        expected = _replay(history)
+        expected = _replay(history, floats_marked=floats_marked)
     except ReplayError as exc:
         return Difference(job_uuid=exc.job_uuid, problem="unreplayable", detail=str(exc))
     stored = tuple(row)  # a SELECT_JOBS row: the values of ALL_COLUMNS, in order

@@ -15,9 +15,13 @@ position and event id where known, and what is wrong.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import pickle
 import re
+import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import aclosing, asynccontextmanager, suppress
 from typing import Any, Final, Literal
 
@@ -38,12 +42,12 @@ from ledger.export import EVENT_KIND, LINK_KIND, START_KIND
 from ledger.hashing import GENESIS_HASH, chain_hash, decode_marking_floats, event_hash
 from ledger.rebuild import (
     EVENT_COLUMNS,
-    SELECT_JOBS,
     Difference,
     replay_difference,
     split_histories,
     stored_event_hash,
 )
+from projections.readmodel import ALL_COLUMNS
 
 Check = Literal["job_chain", "global_chain", "read_model", "checkpoint", "export"]
 PREFETCH: Final = 10_000
@@ -57,8 +61,13 @@ _LEDGER_COLUMNS: Final = ", ".join(utc_text("e.recorded_at") if c == "recorded_a
 SELECT_LEDGER: Final = (
     f"SELECT {_LEDGER_COLUMNS}, p.position, p.chain_hash, q.chain_hash "
     "FROM events e LEFT JOIN event_positions p ON p.event_id = e.id "
-    "LEFT JOIN event_positions q ON q.position = p.position - 1 ORDER BY e.job_uuid, e.version"
+    "LEFT JOIN event_positions q ON q.position = p.position - 1{where} ORDER BY e.job_uuid, e.version"
 )
+SELECT_RANGE_JOBS: Final = f"SELECT {', '.join(ALL_COLUMNS)} FROM jobs{{where}} ORDER BY uuid"
+# The job uuid of the n-th event in (job, version) order, an index-only scan: where a range of the pass starts.
+SPLIT_AT: Final = "SELECT job_uuid FROM events ORDER BY job_uuid, version OFFSET $1 LIMIT 1"
+# Below this many positions one process verifies alone: starting worker processes costs more than it saves.
+PARALLEL_MIN_POSITIONS: Final = 100_000
 _J_UUID, _VERSION, _TYPE, _DATA, _ACTOR, _CLIENT, _REQUEST, _AT, _PREV, _HASH, _ID = range(len(EVENT_COLUMNS))
 _POSITION, _CHAIN, _PREVIOUS_CHAIN = range(len(EVENT_COLUMNS), len(EVENT_COLUMNS) + 3)
 COUNT_POSITIONS: Final = "SELECT count(*) FROM event_positions"
@@ -150,7 +159,11 @@ class _ChainState:
 
 
 async def verify_ledger(
-    pool: asyncpg.Pool, checkpoint: Any = None, public_key: Ed25519PublicKey | None = None
+    pool: asyncpg.Pool,
+    checkpoint: Any = None,
+    public_key: Ed25519PublicKey | None = None,
+    *,
+    workers: int | None = None,
 ) -> VerifyReport:
     """Verify every job chain, the global chain and the read model; optionally against a saved checkpoint.
 
@@ -159,7 +172,10 @@ async def verify_ledger(
     consistently (every hash recomputed), and events removed from the end, which nothing else can.
 
     One pass over the events in one snapshot, each event hashed once (``_LedgerPass``); it takes two of the
-    pool's connections, one streaming the events and one the read model.
+    pool's connections, one streaming the events and one the read model. A large ledger (at least
+    ``PARALLEL_MIN_POSITIONS`` positions) is cut into ``workers`` ranges of job uuids (default: one per CPU),
+    each verified by a worker process of its own in the same exported snapshot; their findings are merged
+    into exactly those of the single pass (``_merge``).
     """
     started = time.perf_counter()
     findings: list[Finding] = []
@@ -177,15 +193,26 @@ async def verify_ledger(
         pool.acquire() as jobs_conn,
         _marking_floats(conn),
         _marking_floats(jobs_conn),
-        _snapshot(conn, jobs_conn),
+        _snapshot(conn, jobs_conn) as snapshot,
     ):
-        result = await _LedgerPass(conn, jobs_conn).run()
-        state = await _chain_state(conn, result.chain, None if anchor is None else anchor.position)
-        difference = await _read_model_difference(conn, result)
+        positions = await conn.fetchval(COUNT_POSITIONS)
+        if workers is None:
+            workers = _cpus() if positions >= PARALLEL_MIN_POSITIONS else 1
+        if workers > 1:
+            bounds = await _ranges(conn, positions, workers)
+            result = _merge(await _in_workers(pool, snapshot, bounds))
+        else:
+            result = await _LedgerPass(conn, jobs_conn).run()
+        first_break = result.first_break
+        if positions > result.sequenced:
+            first_break = await _orphans(conn, first_break)
+        chain = None if first_break is None else await _finding(conn, first_break)
+        state = await _chain_state(conn, chain, None if anchor is None else anchor.position)
+    difference = result.difference
     if result.job_chain is not None:
         findings.append(result.job_chain)
-    if result.chain is not None:
-        findings.append(result.chain)
+    if chain is not None:
+        findings.append(chain)
     elif anchor is not None:
         findings.extend(_compare_with_checkpoint(state, anchor.position, anchor.chain_hash))
     if difference is not None:
@@ -197,7 +224,7 @@ async def verify_ledger(
         head=state.position,
         head_chain_hash=state.chain,
         findings=tuple(findings),
-        unsequenced=result.events - result.positions,
+        unsequenced=result.events - positions,
         checkpoint_position=None if anchor is None else anchor.position,
         seconds=round(time.perf_counter() - started, 3),
     )
@@ -229,22 +256,119 @@ async def _marking_floats(conn: asyncpg.Connection) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def _snapshot(conn: asyncpg.Connection, other: asyncpg.Connection) -> AsyncIterator[None]:
-    """One read-only snapshot on both connections (exported by ``conn``), with no statement timeouts."""
+async def _snapshot(conn: asyncpg.Connection, other: asyncpg.Connection) -> AsyncIterator[str]:
+    """One read-only snapshot on both connections (exported by ``conn``), with no statement timeouts.
+
+    Yields the snapshot's id: other sessions can join it (``_imported``) while this lasts.
+    """
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
-        if not _SNAPSHOT_ID.fullmatch(snapshot):
-            raise RuntimeError(f"unexpected snapshot id {snapshot!r}")
         await conn.execute(_NO_TIMEOUTS)
-        async with other.transaction(isolation="repeatable_read", readonly=True):
-            await other.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # must come first; takes no parameter
-            await other.execute(_NO_TIMEOUTS)
-            yield
+        async with _imported(other, snapshot):
+            yield snapshot
 
 
-async def _read_ahead(conn: asyncpg.Connection, sql: str) -> AsyncIterator[list[asyncpg.Record]]:
+@asynccontextmanager
+async def _imported(conn: asyncpg.Connection, snapshot: str) -> AsyncIterator[None]:
+    """A read-only transaction on ``conn`` in the exported ``snapshot``, with no statement timeouts."""
+    if not _SNAPSHOT_ID.fullmatch(snapshot):
+        raise RuntimeError(f"unexpected snapshot id {snapshot!r}")
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # must come first; takes no parameter
+        await conn.execute(_NO_TIMEOUTS)
+        yield
+
+
+# ---- the pass in worker processes --------------------------------------------------------------------------
+Bounds = tuple[str | None, str | None]  # job uuids: from the first (inclusive) to the second (exclusive)
+# A worker is this interpreter running ledger.verify_worker: a fresh process that imports only what the pass
+# needs, unlike multiprocessing's spawn, which re-runs the caller's main module (a script without a
+# ``__name__ == "__main__"`` guard would start verifying again in every worker).
+_WORKER: Final = (sys.executable, "-m", "ledger.verify_worker")
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+async def _ranges(conn: asyncpg.Connection, positions: int, parts: int) -> list[Bounds]:
+    """About ``parts`` ranges of job uuids of about equal size, covering every job (in the database's order)."""
+    starts: list[str] = []
+    for part in range(1, parts):
+        start = await conn.fetchval(SPLIT_AT, positions * part // parts)
+        if start is not None and (not starts or start != starts[-1]):
+            starts.append(start)
+    edges: list[str | None] = [None, *starts, None]
+    return list(itertools.pairwise(edges))
+
+
+async def _in_workers(pool: asyncpg.Pool, snapshot: str, bounds: list[Bounds]) -> list[_RangeResult]:
+    """``_LedgerPass`` over each range, each in a worker process, all in ``snapshot``; in range order."""
+    # The pool's own connection arguments (DSN, server settings), so the workers connect as its connections do.
+    connect = (tuple(pool._connect_args), dict(pool._connect_kwargs))
+    return list(await asyncio.gather(*(_in_worker(connect, snapshot, part) for part in bounds)))
+
+
+async def _in_worker(connect: tuple[tuple[Any, ...], dict[str, Any]], snapshot: str, bounds: Bounds) -> _RangeResult:
+    """One range in one worker process: the request on its stdin, the pickled ``_RangeResult`` on its stdout."""
+    worker = await asyncio.create_subprocess_exec(
+        *_WORKER, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await worker.communicate(pickle.dumps((connect, snapshot, bounds)))
+    finally:
+        if worker.returncode is None:  # cancelled: the worker must not outlive the verify
+            worker.kill()
+            await worker.wait()
+    if worker.returncode != 0:
+        raise RuntimeError(f"verify worker failed ({worker.returncode}): {err.decode(errors='replace')[-2000:]}")
+    result = pickle.loads(out)
+    assert isinstance(result, _RangeResult)
+    return result
+
+
+async def range_pass(connect: tuple[tuple[Any, ...], dict[str, Any]], snapshot: str, bounds: Bounds) -> _RangeResult:
+    """The pass over one range of job uuids on connections of its own, in ``snapshot`` (a worker's job)."""
+    args, kwargs = connect
+    conn = await asyncpg.connect(*args, **kwargs)
+    try:
+        jobs_conn = await asyncpg.connect(*args, **kwargs)
+        try:
+            async with (
+                _marking_floats(conn),
+                _marking_floats(jobs_conn),
+                _imported(conn, snapshot),
+                _imported(jobs_conn, snapshot),
+            ):
+                return await _LedgerPass(conn, jobs_conn, bounds).run()
+        finally:
+            await jobs_conn.close()
+    finally:
+        await conn.close()
+
+
+def _merge(parts: Sequence[_RangeResult]) -> _RangeResult:
+    """The ranges' results as the single pass would have found them.
+
+    The ranges are in job uuid order, and both the job chains and the read model are checked in that order:
+    the first range with a finding has the first finding. The global chain's first break is the lowest
+    position any range found (every position is checked locally, and positions are unique).
+    """
+    breaks = [part.first_break for part in parts if part.first_break is not None]
+    return _RangeResult(
+        events=sum(part.events for part in parts),
+        sequenced=sum(part.sequenced for part in parts),
+        job_chain=next((part.job_chain for part in parts if part.job_chain is not None), None),
+        first_break=min(breaks, key=lambda broken: broken.position) if breaks else None,
+        difference=next((part.difference for part in parts if part.difference is not None), None),
+    )
+
+
+async def _read_ahead(
+    conn: asyncpg.Connection, sql: str, args: Sequence[Any] = ()
+) -> AsyncIterator[list[asyncpg.Record]]:
     """The rows of ``sql`` a batch at a time, the next batch always on its way while the caller works."""
-    cursor = await conn.cursor(sql)
+    cursor = await conn.cursor(sql, *args)
     ahead: asyncio.Future[list[asyncpg.Record]] = asyncio.ensure_future(cursor.fetch(PREFETCH, timeout=_NO_LIMIT))
     try:
         while batch := await ahead:
@@ -270,6 +394,26 @@ class _GlobalBreak(msgspec.Struct, frozen=True):
     gap: bool = False  # the detail still needs the position before the hole
 
 
+class _RangeResult(msgspec.Struct, frozen=True):
+    """What the pass found in one range of jobs (or the whole ledger): picklable, from a worker process."""
+
+    events: int
+    sequenced: int  # events with a position
+    job_chain: Finding | None
+    first_break: _GlobalBreak | None  # the lowest position found bad in the range
+    difference: Difference | None
+
+
+def _where(bounds: Bounds, column: str) -> tuple[str, list[str]]:
+    """The SQL condition (and its arguments) keeping ``column`` within ``bounds``, in the database's order."""
+    conditions, args = [], []
+    for value, operator in zip(bounds, (">=", "<"), strict=True):
+        if value is not None:
+            args.append(value)
+            conditions.append(f"{column} {operator} ${len(args)}")
+    return (" WHERE " + " AND ".join(conditions) if conditions else ""), args
+
+
 class _LedgerPass:
     """The single pass: every event once, in ``(job_uuid, version)`` order, with its position.
 
@@ -281,27 +425,30 @@ class _LedgerPass:
     chain hash, first fails (every stored chain hash before it equals the recomputed one), with the same
     complaint. Each job is folded once and compared with its read-model row, streamed in the same uuid
     order on the second connection, as ``ledger.rebuild.check_read_model`` does.
+
+    ``bounds`` limits the pass to a range of job uuids (events and read-model rows alike): every check
+    above is local to a job or to a position, so ranges can be verified apart and merged (``_merge``).
     """
 
-    def __init__(self, conn: asyncpg.Connection, jobs_conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection, jobs_conn: asyncpg.Connection, bounds: Bounds = (None, None)) -> None:
         self.conn = conn
         self.jobs_conn = jobs_conn
+        self.bounds = bounds
         self.events = 0
-        self.positions = 0
         self.job_chain: Finding | None = None
-        self.chain: Finding | None = None
         self.first_break: _GlobalBreak | None = None
         self.difference: Difference | None = None
         # A history and a job row with different uuids: which is missing is the database's collation's call.
         self.unmatched: tuple[str, str] | None = None
 
-    async def run(self) -> _LedgerPass:
-        """Read and check everything; the findings are then in ``job_chain``, ``chain`` and ``difference``."""
-        self.positions = await self.conn.fetchval(COUNT_POSITIONS)
+    async def run(self) -> _RangeResult:
+        """Read and check every event and read-model row in the bounds."""
         sequenced = 0
+        events_where, events_args = _where(self.bounds, "e.job_uuid")
+        jobs_where, jobs_args = _where(self.bounds, "uuid")
         async with (
-            aclosing(_read_ahead(self.conn, SELECT_LEDGER)) as event_batches,
-            aclosing(_job_rows(self.jobs_conn)) as job_rows,
+            aclosing(_read_ahead(self.conn, SELECT_LEDGER.format(where=events_where), events_args)) as event_batches,
+            aclosing(_job_rows(self.jobs_conn, SELECT_RANGE_JOBS.format(where=jobs_where), jobs_args)) as job_rows,
         ):
             stored_row = await anext(job_rows, None)
             carry: list[asyncpg.Record] = []
@@ -316,11 +463,19 @@ class _LedgerPass:
                 stored_row = await self._compare(carry, stored_row, job_rows)
             if self.difference is None and self.unmatched is None and stored_row is not None:
                 self.difference = Difference(job_uuid=stored_row["uuid"], problem="extra")
-        if self.positions > sequenced:
-            await self._orphans()
-        if self.first_break is not None:
-            self.chain = await self._finding(self.first_break)
-        return self
+        if self.unmatched is not None:
+            replayed_uuid, stored_uuid = self.unmatched
+            if await self.conn.fetchval("SELECT $1::text < $2::text", replayed_uuid, stored_uuid):
+                self.difference = Difference(job_uuid=replayed_uuid, problem="missing")
+            else:
+                self.difference = Difference(job_uuid=stored_uuid, problem="extra")
+        return _RangeResult(
+            events=self.events,
+            sequenced=sequenced,
+            job_chain=self.job_chain,
+            first_break=self.first_break,
+            difference=self.difference,
+        )
 
     def _check(self, history: list[asyncpg.Record]) -> int:
         """Check one job's chain and its part of the global chain; the count of its sequenced events."""
@@ -361,33 +516,35 @@ class _LedgerPass:
         if stored_row["uuid"] != job_uuid:
             self.unmatched = (job_uuid, stored_row["uuid"])
             return stored_row
-        self.difference = replay_difference(history, stored_row)
+        self.difference = replay_difference(history, stored_row, floats_marked=True)  # see _marking_floats
         return await anext(job_rows, None)
 
-    async def _orphans(self) -> None:
-        """Positions whose event row is gone: the first of them may be the global chain's first break."""
-        row = await self.conn.fetchrow(FIRST_ORPHAN)
-        if row is None or (self.first_break is not None and self.first_break.position < row["position"]):
-            return
-        position, event_id = row["position"], row["event_id"]
-        detail = "" if not row["linked"] else f"position {position} refers to event id {event_id}, which does not exist"
-        self.first_break = _GlobalBreak(
-            position=position, detail=detail, job_uuid=None, version=None, event_id=event_id, gap=not row["linked"]
-        )
 
-    async def _finding(self, broken: _GlobalBreak) -> Finding:
-        detail = broken.detail
-        if broken.gap:
-            before = await self.conn.fetchval(PREVIOUS_POSITION, broken.position) or 0
-            detail = f"position {before + 1} is missing: the chain jumps from {before} to {broken.position}"
-        return Finding(
-            check="global_chain",
-            detail=detail,
-            job_uuid=broken.job_uuid,
-            version=broken.version,
-            position=broken.position,
-            event_id=broken.event_id,
-        )
+async def _orphans(conn: asyncpg.Connection, first_break: _GlobalBreak | None) -> _GlobalBreak | None:
+    """Positions whose event row is gone: the first of them may be the global chain's first break."""
+    row = await conn.fetchrow(FIRST_ORPHAN)
+    if row is None or (first_break is not None and first_break.position < row["position"]):
+        return first_break
+    position, event_id = row["position"], row["event_id"]
+    detail = "" if not row["linked"] else f"position {position} refers to event id {event_id}, which does not exist"
+    return _GlobalBreak(
+        position=position, detail=detail, job_uuid=None, version=None, event_id=event_id, gap=not row["linked"]
+    )
+
+
+async def _finding(conn: asyncpg.Connection, broken: _GlobalBreak) -> Finding:
+    detail = broken.detail
+    if broken.gap:
+        before = await conn.fetchval(PREVIOUS_POSITION, broken.position) or 0
+        detail = f"position {before + 1} is missing: the chain jumps from {before} to {broken.position}"
+    return Finding(
+        check="global_chain",
+        detail=detail,
+        job_uuid=broken.job_uuid,
+        version=broken.version,
+        position=broken.position,
+        event_id=broken.event_id,
+    )
 
 
 def _job_chain_break(history: list[asyncpg.Record], hashes: list[str]) -> Finding | None:
@@ -432,8 +589,8 @@ def _position_problem(row: asyncpg.Record, recomputed: str, last_version: int) -
     return None
 
 
-async def _job_rows(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Record]:
-    async with aclosing(_read_ahead(conn, SELECT_JOBS)) as batches:
+async def _job_rows(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> AsyncIterator[asyncpg.Record]:
+    async with aclosing(_read_ahead(conn, sql, args)) as batches:
         async for batch in batches:
             for row in batch:
                 yield row
@@ -455,15 +612,6 @@ async def _chain_state(conn: asyncpg.Connection, chain: Finding | None, checkpoi
     if checkpoint_position is not None and 0 < checkpoint_position <= state.position:
         state.at_checkpoint = await conn.fetchval(CHAIN_AT, checkpoint_position)
     return state
-
-
-async def _read_model_difference(conn: asyncpg.Connection, result: _LedgerPass) -> Difference | None:
-    if result.unmatched is None:
-        return result.difference
-    replayed_uuid, stored_uuid = result.unmatched
-    if await conn.fetchval("SELECT $1::text < $2::text", replayed_uuid, stored_uuid):
-        return Difference(job_uuid=replayed_uuid, problem="missing")
-    return Difference(job_uuid=stored_uuid, problem="extra")
 
 
 # ---------------------------------------------------------------------------------------------------------

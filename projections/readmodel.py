@@ -52,12 +52,12 @@ def _to_datetime(value: str | None) -> datetime | None:
     return None if value is None else parse_ts(value)
 
 
-def job_to_row(job: Job, last_hash: str, last_recorded_at: str) -> tuple[Any, ...]:
-    """The values of ``ALL_COLUMNS`` for ``job``."""
+def job_to_row(job: Job, last_hash: str, last_recorded_at: str, *, floats_marked: bool = False) -> tuple[Any, ...]:
+    """The values of ``ALL_COLUMNS`` for ``job``; ``floats_marked`` as in ``ledger.hashing.digest_parameters``."""
     values = [
         _to_datetime(getattr(job, name)) if name in TIMESTAMP_COLUMNS else getattr(job, name) for name in JOB_COLUMNS
     ]
-    values.append(digest_parameters(job.script_parameters))
+    values.append(digest_parameters(job.script_parameters, floats_marked=floats_marked))
     values.append(last_hash)
     values.append(parse_ts(last_recorded_at))
     return tuple(values)
