@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import math
 import os
+import socket
 import statistics
 import sys
 import time
@@ -98,6 +99,14 @@ async def backend_pids(conn: asyncpg.Connection) -> list[int]:
 
 
 _CLOCK_TICKS: float = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a server the benchmark starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def process_cpu(pids: Iterable[int]) -> dict[int, float]:

@@ -30,7 +30,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from aiohttp import web
 from bench.common import (
     Operation,
     RunResult,
+    free_port,
     markdown_table,
     median,
     postgres_server,
@@ -130,13 +130,6 @@ def bare_app(dsn: str) -> web.Application:
 
 
 # ---- the servers, as subprocesses ------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class Servers:
     """The two server processes and what the load needs of them (URLs, token, pids); ``close`` ends them."""
 
@@ -169,7 +162,7 @@ class Servers:
 
     async def start(self) -> None:
         """Start both servers, read the admin token, make a user and its token, wait until both answer."""
-        ledger_port, bare_port = _free_port(), _free_port()
+        ledger_port, bare_port = free_port(), free_port()
         ledger = self._spawn(["-m", "api.cli", "serve", "--port", str(ledger_port)], "jobledger.log")
         bare = self._spawn(["-m", "bench.http_api", "--bare-server", "--port", str(bare_port)], "bare.log")
         self.ledger_pid, self.bare_pid = ledger.pid, bare.pid

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,6 +43,7 @@ from aiohttp import web
 
 from bench.common import (
     RunResult,
+    free_port,
     markdown_table,
     median,
     postgres_server,
@@ -432,20 +432,13 @@ async def bench_catchup(dsn: str, args: argparse.Namespace, folder: Path) -> str
 
 
 # ---- idle consumers' memory ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.asynccontextmanager
 async def served(dsn: str, folder: Path) -> AsyncIterator[tuple[str, psutil.Process, asyncpg.Pool, str]]:
     """``jobledger serve`` in a subprocess; yields its URL, the process, a pool of ours and an auditor's token."""
     pool = await create_pool(dsn, Settings(pool_min_size=1, pool_max_size=12))
     user = await create_user(pool, "bench-auditor", "auditor", "zzzzz")
     token = (await create_token(pool, user.uuid, "zzzzz")).token
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DATABASE_URL": dsn, "JOBLEDGER_DATA": str(folder / "serve")}
     server = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "api.cli", "serve", "--port", str(port), cwd=ROOT, env=env,

@@ -27,6 +27,7 @@ from bench.common import (
     RunResult,
     add_run_options,
     bench_main,
+    free_port,
     int_list,
     markdown_table,
     median,
@@ -36,7 +37,7 @@ from bench.common import (
     scratch_database,
     server_version,
 )
-from bench.http_api import STARTUP_TIMEOUT, Load, Servers, _free_port, _wait_healthy
+from bench.http_api import STARTUP_TIMEOUT, Load, Servers, _wait_healthy
 
 VARIANTS: Final = ("create", "get")
 
@@ -51,7 +52,7 @@ class WorkerServers(Servers):
 
     async def start(self) -> None:
         """Start the service, read its admin token, make a user and its token, wait until it answers."""
-        port = _free_port()
+        port = free_port()
         command = ["-m", "api.cli", "serve", "--port", str(port), "--workers", str(self.workers), *self.serve_args]
         service = self._spawn(command, "jobledger.log")
         self.ledger_pid, self.ledger_url = service.pid, f"http://127.0.0.1:{port}"
