@@ -20,7 +20,7 @@ from api.context import SETTINGS
 from api.errors import ApiError
 from api.methods import BASE_PATH, Method, Param, all_methods
 from api.params import MAX_BODY_BYTES
-from api.schemas import REF_PREFIX, json_schemas, openapi_schemas, schema_names
+from api.schemas import REF_PREFIX, SELECTION_SCHEMA, json_schemas, openapi_schemas, schema_names
 
 DISCOVERY_PATHS: Final = ("/discovery/v1/apis/arvados/v1/rest", "/discovery/v1/apis/orvos/v1/rest")
 OPENAPI_PATH: Final = BASE_PATH + "openapi.json"
@@ -331,7 +331,11 @@ def _success_response(method: Method, status: int) -> dict[str, Any]:
             media["x-item-schema"] = {"$ref": REF_PREFIX + method.response}
         out["content"] = {method.response_content_type: media}
     elif method.response is not None:
-        out["content"] = {"application/json": {"schema": {"$ref": REF_PREFIX + method.response}}}
+        schema: dict[str, Any] = {"$ref": REF_PREFIX + method.response}
+        if method.response == "Job" and any(param.name == "select" for param in method.parameters):
+            # With select only the selected attributes (and kind) come back, as for a list's items.
+            schema = {"anyOf": [schema, {"$ref": REF_PREFIX + SELECTION_SCHEMA}]}
+        out["content"] = {"application/json": {"schema": schema}}
     return out
 
 

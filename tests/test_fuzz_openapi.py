@@ -206,6 +206,19 @@ def test_a_list_with_select_matches_the_document(live_service: LiveService) -> N
         case.validate_response(response, checks=[response_schema_conformance])
 
 
+def test_a_get_with_select_matches_the_document(live_service: LiveService) -> None:
+    """Regression (found by the fuzzing): ``GET jobs/{uuid}?select=[]`` answers ``{"kind": "orvos#job"}``, which
+    the document declared a whole Job."""
+    for selected in ([], ["uuid", "state"]):
+        case = schema["/orvos/v1/jobs/{uuid}"]["GET"].Case(
+            path_parameters={"uuid": live_service.job_uuids[0]}, query={"select": json.dumps(selected)}
+        )
+        response = case.call(base_url=live_service.base_url, headers=_bearer(live_service, "admin"))
+        assert response.status_code == 200, response.text
+        assert set(response.json()) == {"kind", *selected}, response.text
+        case.validate_response(response, checks=[response_schema_conformance])
+
+
 def _bearer(live_service: LiveService, principal: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {live_service.tokens[principal]}"}
 
