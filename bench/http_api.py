@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -160,23 +160,29 @@ class Servers:
         value: dict[str, Any] = json.loads(out.stdout.decode().strip().splitlines()[-1])
         return value
 
-    async def start(self) -> None:
-        """Start both servers, read the admin token, make a user and its token, wait until both answer."""
-        ledger_port, bare_port = free_port(), free_port()
-        ledger = self._spawn(["-m", "api.cli", "serve", "--port", str(ledger_port)], "jobledger.log")
-        bare = self._spawn(["-m", "bench.http_api", "--bare-server", "--port", str(bare_port)], "bare.log")
-        self.ledger_pid, self.bare_pid = ledger.pid, bare.pid
-        self.ledger_url, self.bare_url = f"http://127.0.0.1:{ledger_port}", f"http://127.0.0.1:{bare_port}"
+    async def start_ledger(self, serve_args: Sequence[str], user_name: str) -> None:
+        """Start ``jobledger serve <serve_args>``, read the admin token it prints, wait until it answers, and
+        make a user (``user_name``) and its token for the load."""
+        port = free_port()
+        ledger = self._spawn(["-m", "api.cli", "serve", "--port", str(port), *serve_args], "jobledger.log")
+        self.ledger_pid, self.ledger_url = ledger.pid, f"http://127.0.0.1:{port}"
         assert ledger.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(ledger.stdout.readline), STARTUP_TIMEOUT)
         if not line:
             raise RuntimeError(f"jobledger exited without an admin token; see {self.folder / 'jobledger.log'}")
         self.admin_token = json.loads(line)["token"]
         await _wait_healthy(self.ledger_url + "/healthz", ledger)
-        await _wait_healthy(self.bare_url + "/healthz", bare)
-        user = await asyncio.to_thread(self._cli, "user", "create", "bench-http", "--role", "user")
+        user = await asyncio.to_thread(self._cli, "user", "create", user_name, "--role", "user")
         token = await asyncio.to_thread(self._cli, "token", "create", "--user", user["uuid"])
         self.user_token = token["token"]
+
+    async def start(self) -> None:
+        """Start both servers, read the admin token, make a user and its token, wait until both answer."""
+        bare_port = free_port()
+        bare = self._spawn(["-m", "bench.http_api", "--bare-server", "--port", str(bare_port)], "bare.log")
+        self.bare_pid, self.bare_url = bare.pid, f"http://127.0.0.1:{bare_port}"
+        await self.start_ledger([], "bench-http")
+        await _wait_healthy(self.bare_url + "/healthz", bare)
 
     def close(self) -> None:
         """Terminate both servers (kill after 10 s), and remove their data folder."""

@@ -15,8 +15,6 @@ read from ``/proc``; the database's backends are not counted. Medians over the r
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import sys
 from typing import Final
 
@@ -27,7 +25,6 @@ from bench.common import (
     RunResult,
     add_run_options,
     bench_main,
-    free_port,
     int_list,
     markdown_table,
     median,
@@ -37,7 +34,7 @@ from bench.common import (
     scratch_database,
     server_version,
 )
-from bench.http_api import STARTUP_TIMEOUT, Load, Servers, _wait_healthy
+from bench.http_api import Load, Servers
 
 VARIANTS: Final = ("create", "get")
 
@@ -52,18 +49,7 @@ class WorkerServers(Servers):
 
     async def start(self) -> None:
         """Start the service, read its admin token, make a user and its token, wait until it answers."""
-        port = free_port()
-        command = ["-m", "api.cli", "serve", "--port", str(port), "--workers", str(self.workers), *self.serve_args]
-        service = self._spawn(command, "jobledger.log")
-        self.ledger_pid, self.ledger_url = service.pid, f"http://127.0.0.1:{port}"
-        assert service.stdout is not None
-        announced = await asyncio.wait_for(asyncio.to_thread(service.stdout.readline), STARTUP_TIMEOUT)
-        if not announced:
-            raise RuntimeError(f"jobledger exited without an admin token; see {self.folder / 'jobledger.log'}")
-        self.admin_token = json.loads(announced)["token"]
-        await _wait_healthy(self.ledger_url + "/healthz", service)
-        user = await asyncio.to_thread(self._cli, "user", "create", "bench-workers", "--role", "user")
-        self.user_token = (await asyncio.to_thread(self._cli, "token", "create", "--user", user["uuid"]))["token"]
+        await self.start_ledger(["--workers", str(self.workers), *self.serve_args], "bench-workers")
 
     def service_pids(self) -> list[int]:
         """The parent and its workers."""
