@@ -6,7 +6,8 @@
 --   * events, event_positions: append-only (UPDATE, DELETE, TRUNCATE raise, whoever asks);
 --   * per job: versions 1, 2, 3, ... with no gaps, each event's prev_hash equal to the previous event's hash,
 --     recorded_at never going backwards;
---   * global positions 1, 2, 3, ... with no gaps, each event sequenced at most once, chain hashes linked;
+--   * global positions 1, 2, 3, ... with no gaps, each event sequenced at most once, chain hashes linked,
+--     written only under the current, unexpired sequencer lease epoch (fencing);
 --   * submit_id unique per owner; one read-model row per job.
 
 CREATE TABLE IF NOT EXISTS jobledger_schema (
@@ -74,8 +75,12 @@ CREATE TABLE IF NOT EXISTS event_positions (
     position     bigint PRIMARY KEY CHECK (position >= 1),
     event_id     bigint NOT NULL UNIQUE REFERENCES events (id),
     chain_hash   text NOT NULL CHECK (chain_hash ~ '^[0-9a-f]{64}$'),
-    sequenced_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    sequenced_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- The sequencer lease epoch under which the row was written (NULL: written before leases existed).
+    epoch        bigint
 );
+-- Databases made before the lease: the column is added empty (no rewrite, the append-only trigger is not hit).
+ALTER TABLE event_positions ADD COLUMN IF NOT EXISTS epoch bigint;
 
 CREATE OR REPLACE FUNCTION jobledger_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -92,6 +97,73 @@ CREATE OR REPLACE TRIGGER event_positions_append_only
 CREATE OR REPLACE TRIGGER event_positions_no_truncate
     BEFORE TRUNCATE ON event_positions FOR EACH STATEMENT EXECUTE FUNCTION jobledger_refuse_change();
 REVOKE UPDATE, DELETE, TRUNCATE ON events, event_positions FROM PUBLIC;
+
+-- The sequencer lease: one row. The leader must keep renewing it (expires_at, by the database's clock only);
+-- a takeover bumps epoch, the fencing token. Every batch of positions carries the epoch it was sequenced
+-- under, and the trigger below refuses a batch whose epoch is not the current, unexpired one, so a leader
+-- that was frozen, partitioned or stuck past its lease can never write another position (ledger/sequencer.py).
+CREATE TABLE IF NOT EXISTS sequencer_lease (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    holder      text,
+    -- The holder's backend: a follower may take over at once when that session no longer exists.
+    holder_pid  integer,
+    epoch       bigint NOT NULL DEFAULT 0 CHECK (epoch >= 0),
+    acquired_at timestamptz,
+    renewed_at  timestamptz,
+    expires_at  timestamptz NOT NULL DEFAULT '-infinity'
+);
+INSERT INTO sequencer_lease (singleton) VALUES (true) ON CONFLICT (singleton) DO NOTHING;
+
+-- The lease row is never deleted, and its epoch never goes back (a reused token would unfence a stale leader).
+CREATE OR REPLACE FUNCTION jobledger_check_lease_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.epoch < OLD.epoch THEN
+        RAISE EXCEPTION 'sequencer lease epoch may not go back from % to %', OLD.epoch, NEW.epoch
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'sequencer_lease_epoch';
+    END IF;
+    RETURN NEW;
+END $$;
+
+CREATE OR REPLACE TRIGGER sequencer_lease_epoch
+    BEFORE UPDATE ON sequencer_lease FOR EACH ROW EXECUTE FUNCTION jobledger_check_lease_update();
+CREATE OR REPLACE TRIGGER sequencer_lease_no_delete
+    BEFORE DELETE ON sequencer_lease FOR EACH ROW EXECUTE FUNCTION jobledger_refuse_change();
+CREATE OR REPLACE TRIGGER sequencer_lease_no_truncate
+    BEFORE TRUNCATE ON sequencer_lease FOR EACH STATEMENT EXECUTE FUNCTION jobledger_refuse_change();
+REVOKE DELETE, TRUNCATE ON sequencer_lease FROM PUBLIC;
+
+-- Fencing: positions may only be written under the current lease, before it expires. The lease row is read
+-- FOR SHARE, so a takeover (an UPDATE of that row) waits until this transaction ends, and a batch that got
+-- here first commits before the new leader reads the head. clock_timestamp(), not now(): a transaction that
+-- began long ago must not pass with its start time.
+CREATE OR REPLACE FUNCTION jobledger_check_sequencer_epoch() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    lease record;
+    stale bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM inserted) THEN
+        RETURN NULL;
+    END IF;
+    SELECT epoch, expires_at INTO lease FROM sequencer_lease WHERE singleton FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no sequencer lease row' USING ERRCODE = 'check_violation', CONSTRAINT = 'event_positions_fenced';
+    END IF;
+    SELECT epoch INTO stale FROM inserted WHERE epoch IS DISTINCT FROM lease.epoch LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'positions sequenced under epoch % refused: the sequencer lease is at epoch %', stale, lease.epoch
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'event_positions_fenced',
+                  HINT = 'this process lost the sequencer lease; another one leads';
+    END IF;
+    IF lease.expires_at <= clock_timestamp() THEN
+        RAISE EXCEPTION 'positions refused: the sequencer lease of epoch % expired at %', lease.epoch, lease.expires_at
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'event_positions_fenced';
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER event_positions_fenced
+    AFTER INSERT ON event_positions REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION jobledger_check_sequencer_epoch();
 
 -- Each job's events form a chain: version n+1 follows version n, links to its hash, and is not older.
 -- Two appenders racing for the same version both pass this check; the unique key then picks one.

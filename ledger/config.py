@@ -36,6 +36,9 @@ class Settings:
     # An abandoned transaction holds back the sequencer's horizon (see docs/operations.md); end it fast.
     idle_in_transaction_timeout_ms: int = 5_000
     lock_timeout_ms: int = 2_000
+    # The sequencer lease: a leader that has not renewed it for this long (frozen, partitioned, stuck) has lost
+    # the lead, its writes are refused by PostgreSQL, and another process takes over (ledger/sequencer.py).
+    sequencer_lease_ms: int = 3_000
     # The Ed25519 key that signs ledger checkpoints; None: ``data_dir / "signing-key.pem"``, made on first start.
     signing_key_path: Path | None = None
 
@@ -58,5 +61,6 @@ class Settings:
             statement_timeout_ms=int(env.get("JOBLEDGER_STATEMENT_TIMEOUT_MS", "5000")),
             idle_in_transaction_timeout_ms=int(env.get("JOBLEDGER_IDLE_TX_TIMEOUT_MS", "5000")),
             lock_timeout_ms=int(env.get("JOBLEDGER_LOCK_TIMEOUT_MS", "2000")),
+            sequencer_lease_ms=max(int(env.get("JOBLEDGER_SEQUENCER_LEASE_MS", "3000")), 100),
             signing_key_path=signing_key_path,
         )

@@ -12,7 +12,8 @@ import msgspec
 
 from ledger.config import Settings
 
-SCHEMA_VERSION: Final = 1
+# 2: the sequencer lease (sequencer_lease, event_positions.epoch and the fencing trigger).
+SCHEMA_VERSION: Final = 2
 SCHEMA_PATH: Final = Path(__file__).resolve().parent.parent / "schema.sql"
 # pg_advisory_xact_lock key serialising schema application across processes starting together.
 _SCHEMA_LOCK_KEY: Final = 0x6A6F626C  # "jobl"
@@ -65,7 +66,7 @@ async def reset_connection(conn: asyncpg.Connection) -> None:
 
     asyncpg's default reset sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every
     release, a round trip that cost 11% of a create's time in the profile. Pool connections never carry
-    session state here (only ``SET LOCAL`` and transaction-scoped locks; the sequencer's lock and the
+    session state here (only ``SET LOCAL`` and transaction-scoped locks; the sequencer's lease and the
     LISTEN live on dedicated connections), so it is not needed.
     """
     if conn.is_in_transaction():

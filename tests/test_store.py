@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from ledger.access import Caller
 from ledger.errors import Invalid
 from ledger.hashing import GENESIS_HASH, UnhashableValue, canonical_json, chain_hash, event_hash, normalise
+from ledger.sequencer import take_lease
 from ledger.service import JobService
 from ledger.store import (
     INSERT_EVENT,
@@ -99,13 +100,16 @@ async def sequenced_ledger(pool: asyncpg.Pool, store: EventStore) -> None:
         hashes += [s.hash for s in await store.append(job.uuid, 1, first.hash, [second], apply(job, second))]
     chain = GENESIS_HASH
     ids = [row["id"] for row in await pool.fetch("SELECT id FROM events ORDER BY id")]
+    lease, _ = await take_lease(pool, "test", 60_000)  # positions are written only under the lease
+    assert lease is not None
     for position, (event_id, digest) in enumerate(zip(ids, hashes, strict=True), start=1):
         chain = chain_hash(chain, position, digest)
         await pool.execute(
-            "INSERT INTO event_positions (position, event_id, chain_hash) VALUES ($1, $2, $3)",
+            "INSERT INTO event_positions (position, event_id, chain_hash, epoch) VALUES ($1, $2, $3, $4)",
             position,
             event_id,
             chain,
+            lease.epoch,
         )
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from ledger.access import Caller
 from ledger.hashing import GENESIS_HASH, chain_hash
-from ledger.sequencer import CounterBehind, SequencerBusy, sequence_pending
+from ledger.sequencer import CounterBehind, SequencerBusy, release_lease, sequence_pending, take_lease
 from ledger.service import JobService
 from ledger.store import EventStore
 from ledger.stream import read_events
@@ -181,10 +181,11 @@ async def test_a_page_reports_events_as_stored(pool: asyncpg.Pool, recorded: lis
 
 async def test_sequence_pending_refuses_while_another_session_sequences(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as holder:
-        assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", 0x6A6C7371)
+        lease, _ = await take_lease(holder, "another", 60_000)
+        assert lease is not None
         with pytest.raises(SequencerBusy):
             await sequence_pending(pool)
-        await holder.execute("SELECT pg_advisory_unlock_all()")
+        await release_lease(holder, lease)
     assert await sequence_pending(pool) == 0
 
 
@@ -280,11 +281,15 @@ async def test_a_counter_behind_the_ledger_is_refused(pool: asyncpg.Pool) -> Non
             "prev_hash, hash, tx) VALUES ('zzzzz-8i9sb-000000000000001', 1, 'submitted', '{}', 'u', 'r', now(), "
             "repeat('0', 64), repeat('a', 64), 1000000000000000) RETURNING id"
         )
+        lease, _ = await take_lease(conn, "restorer", 60_000)
+        assert lease is not None
         await conn.execute(
-            "INSERT INTO event_positions (position, event_id, chain_hash) VALUES (1, $1, $2)",
+            "INSERT INTO event_positions (position, event_id, chain_hash, epoch) VALUES (1, $1, $2, $3)",
             event_id,
             chain_hash(GENESIS_HASH, 1, "a" * 64),
+            lease.epoch,
         )
+        await release_lease(conn, lease)
     with pytest.raises(CounterBehind):
         await sequence_pending(pool)
 

@@ -162,8 +162,8 @@ async def test_kill_the_sequencer_and_the_other_process_takes_over(
 
 
 async def test_positions_are_never_given_twice_even_if_two_sequencers_ran(database_dsn: str) -> None:
-    """The lock keeps a second sequencer out; if one ran anyway, the primary key and event_id UNIQUE refuse."""
-    from ledger.sequencer import load_cursor, sequence_batch
+    """The lease keeps a second sequencer out; if one ran anyway, the primary key and event_id UNIQUE refuse."""
+    from ledger.sequencer import load_cursor, sequence_batch, take_lease
 
     conn = await asyncpg.connect(database_dsn)
     try:
@@ -173,17 +173,19 @@ async def test_positions_are_never_given_twice_even_if_two_sequencers_ran(databa
             "repeat('0', 64), repeat('a', 64))"
         )
         stale = await load_cursor(conn)
+        lease, _ = await take_lease(conn, "test", 60_000)
+        assert lease is not None
         sequenced = []
 
         async def settled() -> bool:
             # The horizon is cluster-wide: wait out any write transaction another session has open.
-            sequenced.append((await sequence_batch(conn, stale)).sequenced)
+            sequenced.append((await sequence_batch(conn, stale, lease)).sequenced)
             return sequenced[-1] == 1
 
         await eventually(settled, "the event settled")
         # A second sequencer with the same (now stale) view tries to give the event a position again.
         with pytest.raises(asyncpg.UniqueViolationError):
-            await sequence_batch(conn, stale)
+            await sequence_batch(conn, stale, lease)
         assert await conn.fetchval("SELECT count(*) FROM event_positions") == 1
     finally:
         await conn.close()
