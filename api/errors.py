@@ -17,6 +17,7 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
+from api.metrics import METRICS
 from ledger.database import CONNECTION_LOST
 from ledger.errors import DomainError, Forbidden, Invalid, NotFound, PreconditionFailed
 from ledger.service import Contention, random_base36
@@ -62,12 +63,14 @@ def error_token() -> str:
     return f"{int(time.time())}+{secrets.token_hex(4)}"
 
 
-def error_response(status: int, messages: list[str], headers: dict[str, str] | None = None) -> web.Response:
-    """An Orvos error body with ``status``."""
+def error_response(
+    status: int, messages: list[str], headers: dict[str, str] | None = None, *, token: str | None = None
+) -> web.Response:
+    """An Orvos error body with ``status`` (and ``token``, when the caller logged it; a fresh one otherwise)."""
     # Messages may quote the client's input, and invalid UTF-8 in a header arrives as lone surrogates, which
     # no JSON encoder can write: replace them, or the error would itself fail (a 500).
     safe = [message.encode("utf-8", "replace").decode() for message in messages]
-    body = msgspec.json.encode({"errors": safe, "error_token": error_token()})
+    body = msgspec.json.encode({"errors": safe, "error_token": token or error_token()})
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
@@ -116,9 +119,13 @@ async def error_middleware(
     except asyncio.CancelledError:
         raise
     except Exception:
-        token_response = error_response(422, ["unexpected error; the server log has the details"])
-        _log.exception("unexpected error in %s %s (request %s)", request.method, request.path, request_id)
-        response = token_response
+        token = error_token()
+        # The body tells the client "the server log has the details": the token is what finds them there.
+        _log.exception("unexpected error %s in %s %s (request %s)", token, request.method, request.path, request_id)
+        metrics = request.app.get(METRICS)
+        if metrics is not None:  # an app built without metrics (none today) still answers
+            metrics.unexpected_errors.inc()
+        response = error_response(422, ["unexpected error; the server log has the details"], token=token)
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
     return response

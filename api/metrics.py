@@ -5,6 +5,8 @@ What is counted where:
 * requests by method, route and status, and request latency by method and route: ``api.observe``, the
   outermost middleware. The route is the path template (``/orvos/v1/jobs/{uuid}``), never the path, so the
   number of series stays bounded whatever clients send;
+* requests answered by the error middleware's catch-all (``unexpected error``): ``api.errors``. It should stay
+  0 whatever clients send; the hostile-input and fuzz suites assert that it does;
 * events appended: ``MeteredEventStore``, the service's event store with a counter beside it;
 * open stream consumers (long-poll and SSE): ``stream_consumer``, a decorator on the two handlers;
 * whether this process is the sequencer: refreshed every second by ``follow_sequencer``;
@@ -64,6 +66,12 @@ class Metrics:
             "it includes the long-poll wait; an SSE stream's whole life lands in +Inf.",
             ["method", "route"],
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.unexpected_errors = Counter(
+            "jobledger_unexpected_errors",
+            "Requests answered by the catch-all (422 'unexpected error'): a bug, never a client's fault. Each is "
+            "logged at ERROR with its error_token and traceback.",
             registry=self.registry,
         )
         self.appended = Counter(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -14,7 +15,19 @@ from ledger.config import Settings
 
 # 2: the sequencer lease (sequencer_lease, event_positions.epoch and the fencing trigger).
 SCHEMA_VERSION: Final = 2
-SCHEMA_PATH: Final = Path(__file__).resolve().parent.parent / "schema.sql"
+# From a checkout (tests, editable installs): the repository's top-level schema.sql. From a wheel: the copy
+# that setup.py's build hook put inside the package (there is no checkout around an installed package).
+_CHECKOUT_SCHEMA: Final = Path(__file__).resolve().parent.parent / "schema.sql"
+
+
+def schema_text() -> str:
+    """The text of ``schema.sql``: the packaged copy if this is an installed build, else the checkout's."""
+    packaged = importlib.resources.files("ledger") / "schema.sql"
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return _CHECKOUT_SCHEMA.read_text(encoding="utf-8")
+
+
 # pg_advisory_xact_lock key serialising schema application across processes starting together.
 _SCHEMA_LOCK_KEY: Final = 0x6A6F626C  # "jobl"
 MIN_SERVER_VERSION: Final = 150000
@@ -111,7 +124,7 @@ async def apply_schema(conn: asyncpg.Connection) -> None:
     as_number = server_version.major * 10000 + server_version.minor
     if as_number < MIN_SERVER_VERSION:
         raise ServerTooOld(f"jobledger needs PostgreSQL 15 or newer, this is {server_version.major}")
-    sql = SCHEMA_PATH.read_text()
+    sql = schema_text()
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_KEY)
         if await conn.fetchval("SELECT to_regclass('jobledger_schema') IS NOT NULL"):

@@ -153,6 +153,25 @@ async def start_service(
     return ServiceHarness(base_url, app[POOL], settings, admin, session, runner)
 
 
+UNEXPECTED_ERRORS = "jobledger_unexpected_errors_total"
+
+
+async def unexpected_errors(session: aiohttp.ClientSession, base_url: str) -> float:
+    """``jobledger_unexpected_errors_total`` as the service's ``/metrics`` reports it (over HTTP, as an operator's
+    scraper would read it): how many requests reached the error middleware's catch-all."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with session.get(base_url + "/metrics") as response:
+        assert response.status == 200, response.status
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == UNEXPECTED_ERRORS
+    )
+
+
 async def stop_service(harness: ServiceHarness) -> None:
     """Close the clients and shut the app down (its pool closes with it)."""
     await harness.session.close()

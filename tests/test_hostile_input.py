@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
 
 import pytest
 
 from tests.contract import COMMIT, assert_error, attributes, event_count, job_count, lock, start, submit
-from tests.harness import ApiClient, Response, ServiceHarness
+from tests.harness import ApiClient, Response, ServiceHarness, unexpected_errors
 
 MISSING: Final = "zzzzz-8i9sb-000000000000000"
 JSON: Final = "application/json"
@@ -67,6 +68,14 @@ class World:
         assert_error(response, response.status if isinstance(status, tuple) and response.status in status else status)
         assert await event_count(self.service) == before, (method, path, response.body)
         return response
+
+
+@pytest.fixture(autouse=True)
+async def _catch_all_never_reached(service: ServiceHarness) -> AsyncIterator[None]:
+    """After every test: no hostile input reached the error middleware's catch-all. A 422 "unexpected error"
+    passes ``assert_error`` (it is a 4xx Orvos body), so the counter is what tells a handled refusal from a bug."""
+    yield
+    assert await unexpected_errors(service.session, service.base_url) == 0, "an input reached the catch-all"
 
 
 @pytest.fixture

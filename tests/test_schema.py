@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 import asyncpg
 import pytest
 
-from ledger.database import SCHEMA_VERSION, SchemaTooNew, apply_schema
+from ledger.database import SCHEMA_VERSION, SchemaTooNew, apply_schema, schema_text
 
 
 async def _catalogue(conn: asyncpg.Connection) -> list[tuple[str, str]]:
@@ -55,3 +58,23 @@ async def test_a_database_with_a_newer_schema_is_refused_untouched(database_dsn:
         assert await conn.fetchval("SELECT to_regclass('jobs_state')") is None
     finally:
         await conn.close()
+
+
+def test_the_schema_is_read_from_the_package_when_installed(tmp_path: Path) -> None:
+    """An installed wheel has no checkout around it: ``schema_text`` must find the copy the build put in the
+    ``ledger`` package (setup.py), and that copy is the top-level schema.sql."""
+    checkout = Path(__file__).resolve().parent.parent
+    build = tmp_path / "build"
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build)],
+        cwd=checkout,
+        check=True,
+        capture_output=True,
+    )
+    assert (build / "ledger" / "schema.sql").read_text() == (checkout / "schema.sql").read_text()
+    program = "from ledger.database import schema_text; import sys; sys.stdout.write(schema_text())"
+    # Only the built tree on the path (run from tmp_path): the checkout's file is out of reach.
+    shown = subprocess.run(
+        [sys.executable, "-c", program], cwd=tmp_path, env={"PYTHONPATH": str(build)}, check=True, capture_output=True
+    )
+    assert shown.stdout.decode() == schema_text()
