@@ -83,7 +83,13 @@ def create_app(
     """The service as an aiohttp application on the database at ``dsn`` (``worker``: its index under
     ``serve --workers N``, reported in ``X-Jobledger-Worker``, ``/healthz`` and the access log)."""
     # observe_middleware outermost: it sees the status the error middleware rendered.
-    app = web.Application(middlewares=[observe_middleware, error_middleware], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[observe_middleware, error_middleware],
+        client_max_size=MAX_BODY_BYTES,
+        # Never inflate request bodies: aiohttp would do it on the event loop, stalling every client (a gzip
+        # bomb); error_middleware refuses any Content-Encoding with 415 instead.
+        handler_args={"auto_decompress": False},
+    )
     app[SETTINGS] = settings
     app[WORKER] = worker
     app[METRICS] = Metrics()

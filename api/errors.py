@@ -92,6 +92,29 @@ _HTTP_MESSAGES: Final[dict[int, str]] = {
 }
 
 
+# The same limit as api.params.MAX_BODY_BYTES (imported there from here would be circular: params needs ApiError).
+_MAX_BODY_BYTES: Final = 1024 * 1024
+
+
+def _refuse_body_early(request: web.Request) -> web.Response | None:
+    """A 415 for a compressed body, a 413 for one announced over 1 MiB: decided on the headers alone.
+
+    The server runs with ``auto_decompress=False`` (``api.app``), so aiohttp never inflates a body on the
+    event loop (a gzip bomb froze every client for seconds); a compressed body is refused before a byte of it
+    is read (CONTRACT §7 allows refusing). The answer closes the connection: nothing is kept alive for the
+    rest of a body nobody will read.
+    """
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        response = error_response(415, [f"compressed request bodies are not accepted (Content-Encoding: {encoding})"])
+    elif request.content_length is not None and request.content_length > _MAX_BODY_BYTES:
+        response = error_response(413, [_HTTP_MESSAGES[413]])
+    else:
+        return None
+    response.force_close()
+    return response
+
+
 @web.middleware
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -100,7 +123,8 @@ async def error_middleware(
     request_id = _request_id(request)
     request[REQUEST_ID] = request_id
     try:
-        response = await handler(request)
+        refusal = _refuse_body_early(request)
+        response = refusal if refusal is not None else await handler(request)
     except ApiError as exc:
         response = error_response(exc.status, [exc.message], exc.headers)
     except DomainError as exc:
