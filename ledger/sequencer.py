@@ -127,7 +127,9 @@ WITH taken AS (
     RETURNING epoch
 )
 SELECT (SELECT epoch FROM taken) AS epoch,
-       (SELECT extract(epoch FROM expires_at - clock_timestamp())::float8 FROM sequencer_lease) AS remaining
+       -- Each side apart: PostgreSQL 15 cannot subtract from the initial '-infinity'.
+       (SELECT extract(epoch FROM expires_at)::float8 - extract(epoch FROM clock_timestamp())::float8
+          FROM sequencer_lease) AS remaining
 """
 # Stand down: let a follower take over at once instead of waiting for the expiry.
 RELEASE: Final = (

@@ -9,6 +9,7 @@ intact afterwards. Cases that need bytes no HTTP client library would send go ov
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -217,6 +218,38 @@ async def test_oversized_bodies_are_413(world: World) -> None:
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(17)) + b"0\r\n\r\n"
     head = b"POST /orvos/v1/jobs HTTP/1.1\r\n" + _auth(world.alice) + b"\r\nContent-Type: application/json"
     assert_raw_error(*await raw_http(world.service, head + b"\r\nTransfer-Encoding: chunked", chunks), 413)
+    assert await event_count(world.service) == before
+
+
+async def test_compressed_bodies_are_415_and_never_inflated(world: World) -> None:
+    # A valid job, gzip-compressed: the old server inflated it (on the event loop) and created the job.
+    body = gzip.compress(_create_body())
+    for encoding in ("gzip", "deflate", "br"):
+        response = await world.refused(
+            world.alice, "POST", "jobs", 415, body=body, headers={"Content-Encoding": encoding}
+        )
+        assert encoding in response.body["errors"][0], response.body
+    # Not gzip at all: still the same refusal, decided from the header before any byte is decoded.
+    await world.refused(world.alice, "POST", "jobs", 415, body=b"not gzip", headers={"Content-Encoding": "gzip"})
+
+
+async def test_a_body_announced_over_the_limit_is_413_before_it_is_sent(world: World) -> None:
+    # The body never comes: only an answer decided from Content-Length can arrive within the timeout.
+    before = await event_count(world.service)
+    head = b"POST /orvos/v1/jobs HTTP/1.1\r\n" + _auth(world.alice) + b"\r\nContent-Type: application/json"
+    port = int(world.service.base_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + b"\r\nHost: 127.0.0.1\r\nContent-Length: 2097152\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            header_block = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            status_line, *lines = header_block.strip().split("\r\n")
+            headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+            payload = await reader.readexactly(int(headers["content-length"]))
+    finally:
+        writer.close()
+    assert_raw_error(int(status_line.split()[1]), headers, payload, 413)
     assert await event_count(world.service) == before
 
 
