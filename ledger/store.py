@@ -176,6 +176,11 @@ APPEND_UNLESS_IDENTICAL: Final = (
     f"upserted AS ({_upsert_job(_N_EVENT + 1, _UNLESS_FOUND)} RETURNING uuid) "
     "SELECT * FROM candidates"
 )
+# Identical submissions (same script, version and parameter digest: CONTRACT §4's identity, not the owner's)
+# queue behind one another until the first commits, so the second's look-up finds the first's job. The lock is
+# transaction-scoped: it is released with the commit that makes the new job visible.
+# An array's text form quotes its elements, so distinct identities never join into the same key text.
+LOCK_IDENTITY: Final = "SELECT pg_advisory_xact_lock(hashtextextended(ARRAY[$1::text, $2::text, $3::text]::text, 0))"
 GET_JOB_BY_SUBMIT_ID: Final = f"SELECT {', '.join(ALL_COLUMNS)} FROM jobs WHERE owner_uuid = $1 AND submit_id = $2"
 
 
@@ -290,7 +295,11 @@ class EventStore:
         digest = row[_DIGEST_COLUMN]  # computed once, for the row and the look-up
         look_up = (job.script_name, digest, job.script_version, job.owner_uuid, readable_by_all)
         with _domain_errors(job, 0):
-            rows = await self.pool.fetch(APPEND_UNLESS_IDENTICAL, *event_args(sealed), *row, *look_up)
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(LOCK_IDENTITY, job.script_name, job.script_version, digest)
+                # READ COMMITTED: this statement's snapshot is taken after the lock, so it sees the job of an
+                # identical submission that held the lock before us.
+                rows = await conn.fetch(APPEND_UNLESS_IDENTICAL, *event_args(sealed), *row, *look_up)
         if rows:
             return [job_record(found) for found in rows]
         if self.on_append is not None:
